@@ -1,0 +1,104 @@
+"""Shared host-side helpers for the kernel families: input validation and varlen chunk bookkeeping.
+
+Nothing here knows about Megatron. Validation runs before any launch and raises ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    """Pick the Triton path on CUDA tensors, the pure-torch path on CPU; `backend` ("triton"|"torch") overrides.
+
+    Under TRITON_INTERPRET=1 the Triton kernels also run on CPU tensors (slowly): tests ask for them explicitly.
+    """
+    if backend is None:
+        return x.is_cuda
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend={backend!r} must be None, 'triton' or 'torch'")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return backend == "triton"
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """Check `[B, T, H, K]` q/k and `[B, T, H, V]` v; return (B, T, H, K, V)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, T, H, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype={t.dtype} must be one of float32, float16, bfloat16")
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape [B, T, H, K]")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must share [B, T, H] with q {tuple(q.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    B, T, H, K = q.shape
+    return B, T, H, K, v.shape[-1]
+
+
+def check_per_step(name: str, x: torch.Tensor | None, B: int, T: int, H: int, last: int | None = None) -> None:
+    """Check a per-step tensor (gate, beta) of shape `[B, T, H]` or `[B, T, H, last]`."""
+    if x is None:
+        return
+    want = (B, T, H) if last is None else (B, T, H, last)
+    if tuple(x.shape) != want:
+        raise ValueError(f"{name} must have shape {list(want)}, got {list(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}.dtype={x.dtype} must be a float dtype")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> int:
+    """Validate varlen offsets and return the number of sequences N (B when cu_seqlens is None).
+
+    cu_seqlens is `[N + 1]` int32/int64, starts at 0, is non-decreasing (zero-length segments allowed) and ends at T.
+    The monotonicity check reads the tensor on the host: callers on a sync-free hot path pass `check=False` upstream.
+    """
+    if cu_seqlens is None:
+        return B
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the batch must be 1 (packed [1, T, ...]), got B={B}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens.dtype={cu_seqlens.dtype} must be int32 or int64")
+    return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int) -> None:
+    """Host-side value checks (a device sync on GPU): first offset 0, non-decreasing, last offset T."""
+    c = cu_seqlens.tolist()
+    if c[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
+    if any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    if c[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T={T}, got {c[-1]}")
+
+
+def check_state(name: str, s: torch.Tensor | None, N: int, H: int, K: int, V: int) -> None:
+    """Check an initial state of shape `[N, H, K, V]`."""
+    if s is None:
+        return
+    if tuple(s.shape) != (N, H, K, V):
+        raise ValueError(f"{name} must have shape {[N, H, K, V]}, got {list(s.shape)}")
+
+
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """For varlen kernels: `[NT, 2]` int32 rows of (sequence index, chunk index within it), one per chunk.
+
+    Built on the device with repeat_interleave; its length is data dependent, so this is one host sync per call.
+    """
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    nchunks = (lens + chunk_size - 1) // chunk_size
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=cu_seqlens.device), nchunks)
+    starts = torch.cumsum(nchunks, 0) - nchunks
+    idx = torch.arange(seq.numel(), device=cu_seqlens.device) - starts[seq]
+    return torch.stack([seq, idx], 1).to(torch.int32)

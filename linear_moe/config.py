@@ -180,6 +180,10 @@ class MQARConfig:
     """Size of the key alphabet (keys and values are disjoint token ranges)."""
     num_values: int = 64
     """Size of the value alphabet."""
+    power_a: float = 0.01
+    """Zoology's power-law query placement: p(gap) ~ a * gap^(a-1) in (0, 1]; small a puts queries near the context."""
+    random_non_queries: bool = True
+    """Fill positions outside the pairs and queries with random tokens (Zoology's default); false leaves them 0."""
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from megatron.core.models.gpt import gpt_layer_specs as gls
-from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, get_tr
 
 from linear_moe.config import ModelConfig
 from linear_moe.registry import get_mixer
+
 
 def have_transformer_engine() -> bool:
     try:
@@ -63,8 +64,9 @@ def layer_spec(mixer: str, ffn: str, model: ModelConfig, use_te: bool | None = N
                 k: v for k, v in (sub.sharded_state_dict_keys_map or {}).items() if not k.startswith("input_")},
         )
     if ffn == "none":
-        sub = dataclasses.replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, sharded_state_dict_keys_map={
-            k: v for k, v in (sub.sharded_state_dict_keys_map or {}).items() if not k.startswith("pre_mlp")})
+        keys = {k: v for k, v in (sub.sharded_state_dict_keys_map or {}).items() if not k.startswith("pre_mlp")}
+        sub = dataclasses.replace(sub, pre_mlp_layernorm=IdentityOp, mlp=IdentityOp, mlp_bda=IdentityFuncOp,
+                                  sharded_state_dict_keys_map=keys)
     elif ffn == "moe" and use_te:
         sub = dataclasses.replace(sub, pre_mlp_layernorm=_norm(model, use_te))
     return ModuleSpec(module=TransformerLayer, submodules=sub)

@@ -1,0 +1,204 @@
+"""MoM layer speed: our sync-free MoM vs our Gated DeltaNet layer, fla 0.6.0 MomAttention / GatedDeltaNet and SDPA.
+
+bf16, hidden 2048, 4 heads x 256, expand_v 1, short conv, output gate, 32768 tokens per step. Each layer: ms of the
+forward (no grad, eval), ms of forward + backward, tokens/s of fwd+bwd, peak GiB, and the fwd+bwd ratio to our Gated
+DeltaNet layer at the same shape. fla and our Gated DeltaNet are optional (rows report their import error).
+
+Run: python benchmarks/bench_mom.py  [SEQS=2048,8192] [TOKENS=32768] [LAYERS=mom_4x2,gdn,...]   (JSON rows in $OUT)
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HID, HEADS, HEAD_DIM = 2048, 4, 256
+DT = torch.bfloat16
+
+
+def header() -> None:
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain"], capture_output=True, text=True,
+                               check=False).stdout
+        commit += " (dirty)" if dirty.strip() else ""
+    except OSError:
+        commit = "unknown"
+    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}", flush=True)
+
+
+def init_megatron() -> None:
+    """World size 1 with Megatron's parallel state (NCCL on GPU), as our layers need it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+
+
+def ours(name: str, **overrides):
+    """Build one of our registered mixers as Megatron builds it; it takes and returns [s, b, h]."""
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from linear_moe.registry import get_mixer
+
+    tc = TransformerConfig(num_layers=1, hidden_size=HID, num_attention_heads=HEADS, use_cpu_initialization=False,
+                           add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=True,
+                           params_dtype=DT, gradient_accumulation_fusion=False)
+    cls = get_mixer(name)
+    cfg = cls.Config(num_heads=HEADS, head_dim=HEAD_DIM, expand_v=1.0, use_short_conv=True, use_output_gate=True,
+                     **overrides)
+    layer = build_module(ModuleSpec(module=cls, params={"mixer_config": cfg}), config=tc, layer_number=1)
+    return SBH(layer)
+
+
+class SBH(nn.Module):
+    """[b, t, h] -> our [s, b, h] layer -> [b, t, h] (the transposes are part of every row that uses it)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.transpose(0, 1))[0].transpose(0, 1)
+
+
+class SDPALayer(nn.Module):
+    def __init__(self, hidden=HID, heads=16):
+        super().__init__()
+        self.h = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(o.transpose(1, 2).reshape(b, t, d))
+
+
+def fla_layer(kind: str, **kw):
+    import fla.ops.common.chunk_o as _co
+
+    # fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (a Triton miscompile, fla #640); for timing
+    # only, lift the guard: the times hold, its gradient values may not.
+    _co.TRITON_ABOVE_3_7_1 = True
+    if kind == "mom":
+        from fla.layers.mom import MomAttention
+
+        return MomAttention(hidden_size=HID, head_dim=HEAD_DIM, num_heads=HEADS, expand_v=1, shared_mem=True,
+                            layer_idx=0, **kw)
+    from fla.layers.gated_deltanet import GatedDeltaNet
+
+    return GatedDeltaNet(hidden_size=HID, head_dim=HEAD_DIM, num_heads=HEADS, expand_v=1, layer_idx=0)
+
+
+LAYERS = {
+    "mom_4x2_shared": lambda: ours("mom", num_memories=4, topk=2, shared_memory=True),
+    "mom_8x2_shared": lambda: ours("mom", num_memories=8, topk=2, shared_memory=True),
+    "mom_16x4_shared": lambda: ours("mom", num_memories=16, topk=4, shared_memory=True),
+    "gdn": lambda: ours("gated_deltanet"),
+    "fla_mom_4x2_shared": lambda: fla_layer("mom", num_memories=4, topk=2),
+    "fla_mom_8x2_shared": lambda: fla_layer("mom", num_memories=8, topk=2),
+    "fla_mom_16x4_shared": lambda: fla_layer("mom", num_memories=16, topk=4),
+    "fla_gdn": lambda: fla_layer("gdn"),
+    "sdpa_attn": lambda: SDPALayer(),
+}
+
+
+def measure(ctor, B: int, T: int) -> dict:
+    from triton.testing import do_bench
+
+    torch.manual_seed(0)
+    m = ctor().to("cuda", DT).train()
+    x = torch.randn(B, T, HID, device="cuda", dtype=DT, requires_grad=True)
+
+    def fwd():
+        o = m(x)
+        return o[0] if isinstance(o, tuple) else o
+
+    def fb():
+        fwd().float().sum().backward()
+
+    fb()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t_fb = do_bench(fb, warmup=25, rep=100, return_mode="median")
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    m.eval()
+    with torch.no_grad():
+        t_f = do_bench(fwd, warmup=25, rep=100, return_mode="median")
+    return {"fwd_ms": round(t_f, 3), "fwdbwd_ms": round(t_fb, 3), "tok_s": round(B * T / t_fb * 1e3),
+            "peak_gib": round(peak, 2)}
+
+
+def main() -> None:
+    header()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    init_megatron()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # the training loop sets this; without it the aux-loss backward creates it from a host value (a sync)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones((), device="cuda"))
+    tokens = int(os.environ.get("TOKENS", "32768"))
+    only = os.environ.get("LAYERS")
+    names = [n for n in LAYERS if not only or any(n.startswith(o) for o in only.split(","))]
+    rows = []
+    for T in [int(s) for s in os.environ.get("SEQS", "2048,8192").split(",")]:
+        B = max(1, tokens // T)
+        for name in names:
+            row = {"layer": name, "B": B, "T": T}
+            try:
+                row.update(measure(LAYERS[name], B, T))
+            except Exception as e:  # noqa: BLE001  (a failing row is reported; the others still run)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+                traceback.print_exc(limit=3, file=sys.stdout)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    for r in rows:
+        base = next((b for b in rows if b["layer"] == "gdn" and b["T"] == r["T"] and "fwdbwd_ms" in b), None)
+        if base and "fwdbwd_ms" in r:
+            r["ratio_to_gdn"] = round(r["fwdbwd_ms"] / base["fwdbwd_ms"], 2)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_mom.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n== table (bf16, hidden 2048, 4 heads x 256; ratio = fwd+bwd / our gdn at the same shape)")
+    print(f"{'layer':22} {'shape':11} {'ms fwd':>9} {'ms fwd+bwd':>11} {'tokens/s':>12} {'peakGiB':>8} {'x gdn':>8}")
+    for r in rows:
+        shape = f"B{r['B']}xT{r['T']}"
+        if "error" in r:
+            print(f"{r['layer']:22} {shape:11} ERROR {r['error'][:80]}")
+            continue
+        print(f"{r['layer']:22} {shape:11} {r['fwd_ms']:9.2f} {r['fwdbwd_ms']:11.2f} {r['tok_s']:12.0f} "
+              f"{r['peak_gib']:8.2f} {r.get('ratio_to_gdn', '-')!s:>8}")
+
+
+if __name__ == "__main__":
+    main()

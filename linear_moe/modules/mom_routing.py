@@ -1,0 +1,185 @@
+"""Sync-free token routing for Mixture-of-Memories: top-k routing, dispatch into per-(sequence, memory) segments, combine.
+
+Every routed slot (token, memory) gets a place in one packed order sorted by (sequence, memory) and, within a group,
+by arrival. The order comes from ONE stable sort of a small integer key; group sizes from a `scatter_add_` histogram
+of fixed size. The number of segments is fixed (sequences x memories, the shared memory included; twice that for the
+routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a fixed shape and everything
+stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
+
+Data moves through three small autograd functions whose backward passes are gathers or plain index copies (no atomic
+accumulation), so they are deterministic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dispatch:
+    """Where each routed slot lives in the packed, segment-sorted order. N tokens, k' slots per token, S = N * k'."""
+
+    slot_of: torch.Tensor
+    """[N, k'] packed position of slot (token, j); j = k is the shared memory when there is one."""
+    perm: torch.Tensor
+    """[S] flat slot index (token * k' + j) of each packed position (the inverse of slot_of)."""
+    src_tok: torch.Tensor
+    """[S] token of each packed position."""
+    src_mem: torch.Tensor
+    """[S] memory of each packed position (num_memories for the shared memory)."""
+    cu_seqlens: torch.Tensor
+    """[num_segments + 1] int32 segment offsets into the packed order; empty segments are allowed."""
+    seg_pos: tuple[torch.Tensor, torch.Tensor]
+    """(segment id, position within segment) per packed position, as `positions_in_segment` returns them."""
+    load: torch.Tensor
+    """[num_memories] routed slots per memory before any dropping (float32; the f_i of the balance loss)."""
+    keep: torch.Tensor | None
+    """[N, k] bool: the routed slot survived the capacity limit (None without a capacity)."""
+
+
+def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, M] -> (probs [N, M] fp32, weights [N, k] fp32 renormalised to sum 1, memories [N, k] int64)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, memories = probs.topk(topk, dim=-1)
+    return probs, weights / weights.sum(-1, keepdim=True), memories
+
+
+def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, num_memories: int, shared: bool,
+                   capacity: torch.Tensor | None = None) -> Dispatch:
+    """Packed order of the routed slots, sorted by (sequence, memory), arrival order kept within a group.
+
+    memories [N, k] int64 routed memories per token; seq_id [N] the sequence (or packed document) of each token, tokens of
+    a sequence in order of arrival along N; capacity [num_seqs] int64: the most tokens a routed memory keeps per
+    sequence (None: keep all). Segment layout: for each sequence, its routed memories 0..M-1 then the shared memory;
+    with a capacity each routed memory has two segments, its kept head and its dropped tail.
+    """
+    N, k = memories.shape
+    dev = memories.device
+    M_tot = num_memories + int(shared)
+    if shared:
+        memories = torch.cat([memories, memories.new_full((N, 1), num_memories)], 1)
+    kp = memories.shape[1]
+    S = N * kp
+    G = num_seqs * M_tot
+    key = (seq_id[:, None] * M_tot + memories).reshape(S)
+    sorted_key, perm = torch.sort(key, stable=True)
+    ar = torch.arange(S, device=dev)
+    slot_of = torch.empty_like(perm).scatter_(0, perm, ar).view(N, kp)
+    counts = torch.zeros(G, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    pos = ar - starts[sorted_key]
+    load = counts.view(num_seqs, M_tot)[:, :num_memories].sum(0).float()
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    if capacity is None:
+        cu = torch.cat([zero, ends])
+        seg, keep = sorted_key, None
+    else:
+        cap = capacity.long()[:, None].expand(num_seqs, M_tot)
+        if shared:
+            # the shared memory never drops: its capacity is the whole sequence
+            cap = torch.cat([cap[:, :num_memories], torch.full_like(cap[:, :1], S)], 1)
+        cap = cap.reshape(G)
+        kept = torch.minimum(counts, cap)
+        cu = torch.cat([zero, torch.stack([starts + kept, ends], 1).reshape(2 * G)])
+        # beyond capacity, in order of arrival: the tail of the group, so the kept head stays one contiguous segment
+        dropped = pos >= cap[sorted_key]
+        seg = 2 * sorted_key + dropped
+        pos = torch.where(dropped, pos - cap[sorted_key], pos)
+        keep = (~dropped)[slot_of[:, :k]]
+    return Dispatch(slot_of=slot_of, perm=perm, src_tok=perm // kp, src_mem=memories.reshape(S)[perm],
+                    cu_seqlens=cu.to(torch.int32), seg_pos=(seg, pos), load=load, keep=keep)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x [N, ...] -> x[src_tok] [S, ...]; backward sums each token's k' slot gradients by a gather (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, src_tok, slot_of):
+        ctx.save_for_backward(slot_of)
+        return x.index_select(0, src_tok)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_of,) = ctx.saved_tensors
+        N, kp = slot_of.shape
+        return grad.index_select(0, slot_of.reshape(-1)).view(N, kp, *grad.shape[1:]).sum(1), None, None
+
+
+class _GatherTokenMemory(torch.autograd.Function):
+    """x [N, H, M_tot, D] -> x[src_tok, :, src_mem] [S, H, D]; each (token, memory) pair is taken at most once."""
+
+    @staticmethod
+    def forward(ctx, x, src_tok, src_mem):
+        ctx.save_for_backward(src_tok, src_mem)
+        ctx.shape = x.shape
+        return x[src_tok, :, src_mem]
+
+    @staticmethod
+    def backward(ctx, grad):
+        src_tok, src_mem = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        # pairs are unique, so a plain (non-accumulating) index_put is exact and deterministic
+        out[src_tok, :, src_mem] = grad
+        return out, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """y = x[idx] for a permutation idx with inverse inv; backward is the inverse gather."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
+
+
+def gather_tokens(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Per-token rows [N, ...] to packed slot rows [S, ...] (e.g. the shared q)."""
+    return _GatherTokens.apply(x, d.src_tok, d.slot_of)
+
+
+def gather_token_memory(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Per-(token, head, memory) rows [N, H, M_tot, D] to packed slot rows [S, H, D] (each memory's projections)."""
+    return _GatherTokenMemory.apply(x, d.src_tok, d.src_mem)
+
+
+def combine(o: torch.Tensor, weights: torch.Tensor, d: Dispatch) -> torch.Tensor:
+    """Packed slot outputs o [S, ...] -> per token sum_j weights[n, j] * o[slot_of[n, j]], [N, ...] in o's dtype.
+
+    weights [N, k'] (the shared memory's column is 1).
+    """
+    N, kp = d.slot_of.shape
+    per_slot = _Permute.apply(o, d.slot_of.reshape(-1), d.perm).view(N, kp, -1)
+    out = torch.bmm(weights.to(o.dtype).unsqueeze(1), per_slot)
+    return out.view(N, *o.shape[1:])
+
+
+def renormalise_kept(weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero dropped slots and renormalise each token's weights over its kept ones (all dropped -> all zero)."""
+    w = weights * keep
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+
+
+def capacity_per_sequence(seq_lens: torch.Tensor, capacity_factor: float, topk: int, num_memories: int
+                          ) -> torch.Tensor:
+    """ceil(capacity_factor * len * topk / num_memories) tokens per (sequence, memory), [num_seqs] int64."""
+    return torch.ceil(seq_lens.double() * (capacity_factor * topk / num_memories)).long()
+
+
+def load_balancing_loss(probs_sum: torch.Tensor, num_tokens: int | torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Switch balance loss M * sum_i f_i * P_i: f_i = load_i / sum(load) (no gradient), P_i = probs_sum_i / tokens."""
+    M = probs_sum.numel()
+    f = load / load.sum().clamp(min=1)
+    return M * (f.detach() * probs_sum / num_tokens).sum()
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the router distribution (nats)."""
+    return -(probs * probs.clamp(min=1e-30).log()).sum(-1).mean()

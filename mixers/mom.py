@@ -1,0 +1,269 @@
+"""Mixture-of-Memories (MoM, Du et al., 2025, arXiv 2502.13685): a router sends each token to k of M linear memories.
+
+Per token: router logits (fp32 softmax) pick k memories whose weights are renormalised to sum 1. q is one projection
+shared by all memories; k, v, beta and the decay input are projected per memory (the always-on shared memory has its
+own); A_log and dt_bias are shared per head. A memory sees only the tokens routed to it, in order: per (sequence,
+memory) its tokens form one segment, and both the short conv and the recurrence run per segment, never across segment
+or document borders. A token's output is the routing-weighted sum of its k memories' outputs plus the shared
+memory's output, then the per-head gated RMSNorm and o_proj.
+
+The forward pass is sync-free (no host reads, fixed shapes):
+1. ONE column-parallel GEMM projects every token for q, the output gate and all M + 1 memories. That is M / k times
+   the FLOPs of projecting only the routed (token, memory) pairs, but it needs no grouped GEMM, no data-dependent
+   shapes, and its head-major layout keeps TP and checkpoints on the stock rules (see LinearMixer).
+2. `mom_routing.build_dispatch` orders the routed slots by (sequence, memory) with one stable sort and builds
+   `cu_seqlens` of a fixed size on the device (sequences x (M + 1) segments; empty ones allowed).
+3. q and each slot's own memory projections are gathered into that packed order; the short conv and ONE varlen
+   kernel call run over all routed and shared segments together.
+4. The outputs are combined by a weighted gather-sum per token (deterministic backward, no atomics).
+
+Load balancing: Switch loss `M * sum_i f_i * P_i` scaled by aux_loss_coeff (optionally a router z-loss), attached
+with Megatron's MoEAuxLossAutoScaler and logged through its aux-loss tracker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.parallel_state import get_data_parallel_group
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from torch import nn
+
+from linear_moe.modules import mom_routing as routing
+from linear_moe.modules.linear_mixer import LinearMixer, mamba_dt_bias, packed_cu_seqlens
+from linear_moe.registry import MixerConfig, register_mixer
+
+try:
+    from linear_moe.training import telemetry
+except ImportError:
+    telemetry = None
+
+Tensor = torch.Tensor
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """L2-normalise the last dim in fp32, back in x's dtype (the kernels' `use_qk_l2norm` rule)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@register_mixer("mom", symbol="X")
+class MixtureOfMemories(LinearMixer):
+    """MoM layer on the LinearMixer body (in_proj, short conv, per-head gated norm, o_proj, TP/SP, checkpoints).
+
+    in_proj unit (one per head): q K, [g V], then per memory m = 0..M (M = the shared memory): k K, v V, a 1,
+    [beta 1]. The router `Linear(hidden -> M)` is replicated across TP ranks.
+    """
+
+    @dataclass(kw_only=True)
+    class Config(MixerConfig):
+        num_memories: int = 4
+        """M, the number of routed memories."""
+        topk: int = 2
+        """Memories per token (k); their routing weights are renormalised to sum 1."""
+        shared_memory: bool = True
+        """Add an always-on memory whose output is added unweighted."""
+        memory_kind: Literal["gated_delta", "gla"] = "gated_delta"
+        """Recurrence of each memory: gated delta rule, or gated linear attention (same scalar per-head decay)."""
+        aux_loss_coeff: float = 0.01
+        """Scale of the Switch load-balancing loss M * sum_i f_i P_i; 0 disables it."""
+        aux_loss_type: Literal["layer", "global"] = "layer"
+        """'layer': f_i from this micro-batch; 'global': f_i from the loads summed over the data-parallel group."""
+        z_loss_coeff: float = 0.0
+        """Scale of the router z-loss mean(logsumexp(logits)^2); 0 disables it."""
+        capacity_factor: float | None = None
+        """None: no dropping. Else each routed memory keeps at most ceil(capacity_factor * len * topk / M) tokens per
+        sequence (document), in order of arrival; later tokens are dropped from that memory and their routing weights
+        renormalised over the memories that kept them (a token dropped everywhere gets only the shared output)."""
+
+        def resolve(self, hidden_size: int, num_attention_heads: int) -> None:
+            super().resolve(hidden_size, num_attention_heads)
+            if self.num_memories < 1:
+                raise ValueError(f"mixers.mom.num_memories={self.num_memories} must be >= 1")
+            if self.topk < 1:
+                raise ValueError(f"mixers.mom.topk={self.topk} must be >= 1")
+            if self.topk > self.num_memories:
+                raise ValueError(f"mixers.mom.topk={self.topk} must be <= num_memories={self.num_memories}")
+            if self.memory_kind not in ("gated_delta", "gla"):
+                raise ValueError(f"mixers.mom.memory_kind={self.memory_kind!r} must be 'gated_delta' or 'gla'")
+            if self.aux_loss_type not in ("layer", "global"):
+                raise ValueError(f"mixers.mom.aux_loss_type={self.aux_loss_type!r} must be 'layer' or 'global'")
+            if self.aux_loss_coeff < 0 or self.z_loss_coeff < 0:
+                raise ValueError(f"mixers.mom.aux_loss_coeff={self.aux_loss_coeff} and z_loss_coeff="
+                                 f"{self.z_loss_coeff} must be >= 0")
+            if self.capacity_factor is not None and self.capacity_factor <= 0:
+                raise ValueError(f"mixers.mom.capacity_factor={self.capacity_factor} must be > 0 or null")
+
+    def __init__(self, config, submodules=None, layer_number=None, *, mixer_config, pg_collection=None, **kw):
+        mc = mixer_config
+        mc.resolve(config.hidden_size, config.num_attention_heads)
+        self.op = "delta_rule" if mc.memory_kind == "gated_delta" else "gla"
+        self.num_memories, self.topk, self.shared = mc.num_memories, mc.topk, mc.shared_memory
+        self.total_memories = mc.num_memories + int(mc.shared_memory)
+        super().__init__(config, submodules, layer_number, mixer_config=mc, pg_collection=pg_collection, **kw)
+        self.A_log = self.head_param(lambda h: torch.empty(h).uniform_(1.0, 16.0).log())
+        self.dt_bias = self.head_param(mamba_dt_bias)
+        self.router = nn.Linear(config.hidden_size, mc.num_memories, bias=False, dtype=config.params_dtype,
+                                device="cpu" if config.use_cpu_initialization else torch.cuda.current_device())
+        if config.perform_initialization:
+            config.init_method(self.router.weight)
+        # Under SP each rank routes its own sequence shard, so the replicated router's weight gradient is partial
+        # there and Megatron all-reduces it (like a norm weight). Without SP it is all-reduced through the logits.
+        self.router.weight.sequence_parallel = config.sequence_parallel
+
+    def memory_sections(self) -> list[tuple[str, int]]:
+        """One memory's part of a projection unit."""
+        K, V = self.head_k_dim, self.head_v_dim
+        return [("k", K), ("v", V), ("a", 1)] + ([("beta", 1)] if self.op == "delta_rule" else [])
+
+    def unit_sections(self) -> list[tuple[str, int]]:
+        out = [("q", self.head_k_dim)]
+        if self.mixer_config.use_output_gate:
+            out.append(("g", self.head_v_dim))
+        return out + [(f"{n}{m}", w) for m in range(self.total_memories) for n, w in self.memory_sections()]
+
+    # The pieces below are shared by the fast forward and the tests' per-segment reference.
+
+    def router_logits(self, hidden_states: Tensor) -> Tensor:
+        """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
+        return F.linear(hidden_states.float(), self.router.weight.float())
+
+    def project_tokens(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, int]:
+        """in_proj of every token (sequence gathered under SP).
+
+        Returns q `[N, H, K]`, gate `[N, H, V]` or None, memory parts `[N, H, M + 1, D_mem]`, T, B; N = T * B
+        tokens in Megatron's [s, b] order.
+        """
+        x, _ = self.in_proj(hidden_states)
+        T, B, _ = x.shape
+        H, K, V = self.local_heads, self.head_k_dim, self.head_v_dim
+        x = x.view(T * B, H, self.unit_width)
+        gw = V if self.mixer_config.use_output_gate else 0
+        dm = sum(w for _, w in self.memory_sections())
+        q, gate, mem = x.split([K, gw, self.total_memories * dm], dim=-1)
+        return q, (gate if gw else None), mem.view(T * B, H, self.total_memories, dm), T, B
+
+    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None,
+                      seg_pos: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+        """Packed slots -> kernel inputs: q `[S, H, K]` and memory rows `[S, H, D_mem]` of segments `cu_seqlens`
+        (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay, beta or None."""
+        K, V = self.head_k_dim, self.head_v_dim
+        S, H = q.shape[:2]
+        qkv = torch.cat([q, mem[..., :K + V]], dim=-1).reshape(1, S, H * (2 * K + V))
+        if self.conv is not None:
+            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens, seg_pos=seg_pos)
+        else:
+            qkv = F.silu(qkv)
+        q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
+        a = mem[..., K + V].float()
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        beta = mem[..., K + V + 1].float().sigmoid()[None] if self.op == "delta_rule" else None
+        return l2norm(q), l2norm(k), v.contiguous(), g[None], beta
+
+    def scan(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, cu_seqlens: Tensor) -> Tensor:
+        """ONE chunked kernel call over all packed segments `[1, S, H, D]` -> o `[1, S, H, V]`.
+
+        check_inputs=False: cu_seqlens is built on the device and correct by construction; checking it is a host sync.
+        """
+        extras = {"beta": beta} if beta is not None else {}
+        o, _ = self.kernel("chunk")(q, k, v, g=g, **extras, scale=self.scale, cu_seqlens=cu_seqlens,
+                                    backend=self.backend, check_inputs=False)
+        return o
+
+    def finish_tokens(self, o: Tensor, gate: Tensor | None, T: int, B: int) -> tuple[Tensor, Tensor | None]:
+        """Per-token memory mix `[N, H, V]` -> per-head gated RMSNorm -> o_proj -> (`[s, b, h]`, bias or None)."""
+        return self.o_proj(self.o_norm(o, gate).reshape(T, B, -1))
+
+    def sequences(self, T: int, B: int, packed_seq_params: PackedSeqParams | None, device: torch.device
+                  ) -> tuple[Tensor, int, Tensor]:
+        """(sequence id `[N]` of each token in [s, b] order, number of sequences, their lengths); packed THD
+        batches count documents as sequences."""
+        cu = packed_cu_seqlens(packed_seq_params)
+        if cu is None:
+            return torch.arange(T * B, device=device) % B, B, torch.full((B,), T, device=device)
+        if B != 1:
+            raise ValueError(f"packed (THD) input must have batch 1, got hidden_states with b={B}")
+        cu = cu.to(device=device, dtype=torch.long)
+        n = cu.numel() - 1
+        seq = torch.searchsorted(cu[1:], torch.arange(T, device=device), right=True).clamp(max=n - 1)
+        return seq, n, cu[1:] - cu[:-1]
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *, inference_context=None,
+                packed_seq_params: PackedSeqParams | None = None, **_) -> tuple[Tensor, Tensor | None]:
+        """hidden_states `[s, b, h]` (s local under SP) -> (out `[s, b, h]`, None); documents of a THD batch never mix."""
+        if inference_context is not None:
+            raise NotImplementedError("mixer 'mom' has no cached decoding yet")
+        mc, M = self.mixer_config, self.num_memories
+        logits_local = self.router_logits(hidden_states)
+        if self.config.sequence_parallel:
+            logits = tensor_parallel.gather_from_sequence_parallel_region(logits_local, True, group=self.tp_group)
+        else:
+            # the heads of every TP rank use these logits: their gradient must be summed over ranks
+            logits = tensor_parallel.copy_to_tensor_model_parallel_region(logits_local, group=self.tp_group)
+        q, gate, mem, T, B = self.project_tokens(hidden_states)
+        N = T * B
+        seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, q.device)
+        probs, weights, memories = routing.route(logits.reshape(N, M), self.topk)
+        capacity = None
+        if mc.capacity_factor is not None:
+            capacity = routing.capacity_per_sequence(seq_lens, mc.capacity_factor, self.topk, M)
+        d = routing.build_dispatch(memories, seq_id, num_seqs, M, self.shared, capacity)
+        if d.keep is not None:
+            weights = routing.renormalise_kept(weights, d.keep)
+
+        qk, kk, vk, g, beta = self.memory_inputs(routing.gather_tokens(q, d), routing.gather_token_memory(mem, d),
+                                                 d.cu_seqlens, d.seg_pos)
+        o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
+        if self.shared:
+            weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+        out, bias = self.finish_tokens(routing.combine(o, weights, d), gate, T, B)
+
+        if self.training and torch.is_grad_enabled():
+            out = self._attach_router_losses(out, logits_local, d.load, N)
+        if telemetry is not None:
+            self._telemetry(probs, d)
+        return out, bias
+
+    def _attach_router_losses(self, out: Tensor, logits_local: Tensor, load: Tensor, num_tokens: int) -> Tensor:
+        """Balance (and z-) losses from the rank-local logits, so their gradient is counted once across TP ranks."""
+        mc, M = self.mixer_config, self.num_memories
+        logits_local = logits_local.reshape(-1, M)
+        sp = self.config.sequence_parallel
+        num_layers = self.config.num_layers
+        if mc.aux_loss_coeff > 0:
+            probs_sum = logits_local.softmax(-1).sum(0)
+            if sp:
+                probs_sum = tensor_parallel.reduce_from_tensor_model_parallel_region(probs_sum, group=self.tp_group)
+            if mc.aux_loss_type == "global" and dist.is_initialized():
+                group = get_data_parallel_group(with_context_parallel=True)
+                if dist.get_world_size(group) > 1:
+                    load = load.clone()
+                    dist.all_reduce(load, group=group)
+            balance = routing.load_balancing_loss(probs_sum, num_tokens, load)
+            out = MoEAuxLossAutoScaler.apply(out, mc.aux_loss_coeff * balance)
+            if self.layer_number is not None:
+                save_to_aux_losses_tracker("mom_load_balancing_loss", balance.detach(), self.layer_number, num_layers)
+        if mc.z_loss_coeff > 0:
+            z = logits_local.logsumexp(-1).pow(2).sum()
+            if sp:
+                z = tensor_parallel.reduce_from_tensor_model_parallel_region(z, group=self.tp_group)
+            z = z / num_tokens
+            out = MoEAuxLossAutoScaler.apply(out, mc.z_loss_coeff * z)
+            if self.layer_number is not None:
+                save_to_aux_losses_tracker("mom_z_loss", z.detach(), self.layer_number, num_layers)
+        return out
+
+    @torch.no_grad()
+    def _telemetry(self, probs: Tensor, d: routing.Dispatch) -> None:
+        """Load fraction per memory, router entropy and dropped fraction; tensors stay on the device."""
+        frac = d.load / d.load.sum().clamp(min=1)
+        for i in range(self.num_memories):
+            telemetry.record(f"mom/load_{i}", self.layer_number, frac[i])
+        telemetry.record("mom/router_entropy", self.layer_number, routing.router_entropy(probs))
+        if d.keep is not None:
+            telemetry.record("mom/dropped_fraction", self.layer_number, 1 - d.keep.float().mean())

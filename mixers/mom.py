@@ -148,15 +148,14 @@ class MixtureOfMemories(LinearMixer):
         q, gate, mem = x.split([K, gw, self.total_memories * dm], dim=-1)
         return q, (gate if gw else None), mem.view(T * B, H, self.total_memories, dm), T, B
 
-    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None,
-                      seg_pos: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None) -> tuple[Tensor, ...]:
         """Packed slots -> kernel inputs: q `[S, H, K]` and memory rows `[S, H, D_mem]` of segments `cu_seqlens`
         (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay, beta or None."""
         K, V = self.head_k_dim, self.head_v_dim
         S, H = q.shape[:2]
         qkv = torch.cat([q, mem[..., :K + V]], dim=-1).reshape(1, S, H * (2 * K + V))
         if self.conv is not None:
-            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens, seg_pos=seg_pos)
+            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens)
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
@@ -217,7 +216,7 @@ class MixtureOfMemories(LinearMixer):
             weights = routing.renormalise_kept(weights, d.keep)
 
         qk, kk, vk, g, beta = self.memory_inputs(routing.gather_tokens(q, d), routing.gather_token_memory(mem, d),
-                                                 d.cu_seqlens, d.seg_pos)
+                                                 d.cu_seqlens)
         o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
         if self.shared:
             weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)

@@ -30,8 +30,6 @@ class Dispatch:
     """[S] memory of each packed position (num_memories for the shared memory)."""
     cu_seqlens: torch.Tensor
     """[num_segments + 1] int32 segment offsets into the packed order; empty segments are allowed."""
-    seg_pos: tuple[torch.Tensor, torch.Tensor]
-    """(segment id, position within segment) per packed position, as `positions_in_segment` returns them."""
     load: torch.Tensor
     """[num_memories] routed slots per memory before any dropping (float32; the f_i of the balance loss)."""
     keep: torch.Tensor | None
@@ -74,7 +72,7 @@ def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, 
     zero = torch.zeros(1, dtype=torch.long, device=dev)
     if capacity is None:
         cu = torch.cat([zero, ends])
-        seg, keep = sorted_key, None
+        keep = None
     else:
         cap = capacity.long()[:, None].expand(num_seqs, M_tot)
         if shared:
@@ -85,11 +83,9 @@ def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, 
         cu = torch.cat([zero, torch.stack([starts + kept, ends], 1).reshape(2 * G)])
         # beyond capacity, in order of arrival: the tail of the group, so the kept head stays one contiguous segment
         dropped = pos >= cap[sorted_key]
-        seg = 2 * sorted_key + dropped
-        pos = torch.where(dropped, pos - cap[sorted_key], pos)
         keep = (~dropped)[slot_of[:, :k]]
     return Dispatch(slot_of=slot_of, perm=perm, src_tok=perm // kp, src_mem=memories.reshape(S)[perm],
-                    cu_seqlens=cu.to(torch.int32), seg_pos=(seg, pos), load=load, keep=keep)
+                    cu_seqlens=cu.to(torch.int32), load=load, keep=keep)
 
 
 class _GatherTokens(torch.autograd.Function):

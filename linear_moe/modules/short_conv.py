@@ -1,7 +1,8 @@
 """Causal depthwise short convolution that never mixes tokens across sequence or segment borders.
 
-Packed input ([1, T, C] with `cu_seqlens`) is handled with a per-token position-in-segment mask, so MoM's per-memory
-segments and packed documents see no leakage, with no host sync and no padding. Decoding keeps the last
+Packed input ([1, T, C] with `cu_seqlens`) runs as one depthwise conv over the packed tokens; the few outputs near
+each segment start are then corrected (a fixed [segments, W-1] set), so MoM's per-memory segments and packed
+documents see no leakage, with no host sync, no padding and no extra pass over all tokens. Decoding keeps the last
 `kernel_size - 1` inputs of each sequence as the conv state.
 """
 from __future__ import annotations
@@ -9,13 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def positions_in_segment(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For packed tokens: (segment id, position within its segment), each `[total]` int64, computed on device."""
-    t = torch.arange(total, device=cu_seqlens.device)
-    seg = torch.searchsorted(cu_seqlens.long(), t, right=True) - 1
-    return seg, t - cu_seqlens.long()[seg]
 
 
 class ShortConvolution(nn.Module):
@@ -30,43 +24,62 @@ class ShortConvolution(nn.Module):
         nn.init.uniform_(self.weight, -kernel_size ** -0.5, kernel_size ** -0.5)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
-                seg_pos: tuple[torch.Tensor, torch.Tensor] | None = None
+                initial_state: torch.Tensor | None = None, output_final_state: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x `[B, T, C]` (or `[1, T, C]` packed with cu_seqlens `[N+1]`) -> (y same shape, state `[N, C, W-1]`).
 
-        `initial_state` `[N, C, W-1]` holds the inputs before each sequence (decoding continuation); `seg_pos` may pass
-        a precomputed `positions_in_segment` result to share it between several convs.
+        `initial_state` `[N, C, W-1]` holds the inputs before each sequence (decoding continuation, CP halos).
         """
         B, T, C = x.shape
         W = self.kernel_size
         if C != self.channels:
             raise ValueError(f"ShortConvolution expects {self.channels} channels, got x of shape {tuple(x.shape)}")
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"with cu_seqlens x must be packed as [1, T, C], got B={B}")
         w = self.weight.to(x.dtype)
-        if cu_seqlens is None:
-            pos = torch.arange(T, device=x.device).expand(B, T)
-            seg = torch.arange(B, device=x.device)[:, None].expand(B, T)
+        xt = x.transpose(1, 2)  # [B, C, T]
+        if cu_seqlens is None and initial_state is not None:
+            # whole sequences: the state simply precedes them
+            xt = torch.cat([initial_state.to(x.dtype), xt], dim=2)
         else:
-            if B != 1:
-                raise ValueError(f"with cu_seqlens x must be packed as [1, T, C], got B={B}")
-            seg, pos = seg_pos if seg_pos is not None else positions_in_segment(cu_seqlens, T)
-            seg, pos = seg[None], pos[None]
-        y = x * w[:, W - 1]
-        for j in range(1, W):
-            # x_{t-j} contributes only if it lies in the same segment (pos >= j); otherwise it comes from the state.
-            shifted = F.pad(x, (0, 0, j, 0))[:, :T]
-            inside = (pos >= j)[..., None]
-            term = torch.where(inside, shifted, torch.zeros((), dtype=x.dtype, device=x.device))
-            if initial_state is not None:
-                # state[:, :, W-1-k] holds the input k steps before the sequence start (k = 1..W-1)
-                k = (j - pos).clamp(min=1, max=W - 1)
-                from_state = initial_state.to(x.dtype)[seg, :, W - 1 - k]  # [B, T, C]
-                term = torch.where(inside, term, from_state * (pos < j)[..., None])
-            y = y + term * w[:, W - 1 - j]
+            xt = F.pad(xt, (W - 1, 0))
+        # one depthwise causal conv over everything (cuDNN), then fix the tokens near segment starts
+        y = F.conv1d(xt, w[:, None, :], groups=C).transpose(1, 2) if T else x * w[:, 0]  # [B, T, C]
+        if cu_seqlens is not None and W > 1 and T:
+            y = self._fix_segment_starts(y, x[0], w, cu_seqlens, initial_state)
         if self.activation == "silu":
             y = F.silu(y)
         state = self.final_state(x, cu_seqlens, initial_state) if output_final_state else None
         return y, state
+
+    def _fix_segment_starts(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, cu_seqlens: torch.Tensor,
+                            initial_state: torch.Tensor | None) -> torch.Tensor:
+        """Recompute the outputs of the first W-1 tokens of each segment from the segment's own inputs and history
+        (its initial state, else zeros) and write them over what the packed conv read across the border.
+
+        A fixed-size [N, W-1] set: no host sync, no pass over all tokens, and exact (the overwritten values never
+        depend on another segment's tokens, not even through rounding)."""
+        W, T, C = self.kernel_size, x.shape[0], x.shape[1]
+        N = cu_seqlens.numel() - 1
+        starts, lens = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        p = torch.arange(W - 1, device=x.device)
+        t = starts[:, None] + p  # [N, W-1] token positions
+        valid = p < lens[:, None]
+        j = torch.arange(W, device=x.device)  # steps back, 0..W-1
+        inside = p[:, None] >= j[None, :]  # [W-1, W]: x_{t-j} lies in the segment
+        xp = F.pad(x, (0, 0, 1, 0))  # row 0 is zeros, where out-of-range reads land
+        src = torch.where(valid[:, :, None] & inside[None], t[:, :, None] - j + 1, 0)
+        window = xp[src.clamp(max=T)]  # [N, W-1, W, C]
+        if initial_state is not None:
+            back = (j[None, :] - p[:, None]).clamp(min=1, max=W - 1)  # steps before the segment start
+            own = initial_state.to(x.dtype)[:, :, W - 1 - back].permute(0, 2, 3, 1)  # [N, W-1, W, C]
+            window = torch.where(inside[None, :, :, None], window, own)
+        out = (window * w[:, W - 1 - j].t()).sum(2)  # [N, W-1, C]
+        # rows past a segment's end write to their own scratch rows beyond T, so every index is unique
+        scratch = T + torch.arange(N * (W - 1), device=x.device).view(N, W - 1)
+        idx = torch.where(valid, t, scratch).reshape(-1)
+        y = F.pad(y, (0, 0, 0, N * (W - 1))).index_copy(1, idx, out.reshape(1, -1, C).to(y.dtype))
+        return y[:, :T]
 
     def final_state(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None,
                     initial_state: torch.Tensor | None) -> torch.Tensor:

@@ -259,8 +259,9 @@ def test_dispatch_bookkeeping():
     assert (key[1:] >= key[:-1]).all()
     same = key[1:] == key[:-1]
     assert (d.src_tok[1:][same] > d.src_tok[:-1][same]).all()
-    seg, pos = d.seg_pos
-    assert torch.equal(seg, key) and torch.equal(pos, torch.arange(S) - d.cu_seqlens.long()[seg])
+    # segment of each packed position = its (sequence, memory) key
+    seg = torch.searchsorted(d.cu_seqlens.long(), torch.arange(S), right=True) - 1
+    assert torch.equal(seg, key)
     assert torch.equal(d.load, torch.stack([(mem == i).sum() for i in range(M)]).float())
     # capacity: two segments per routed memory (kept head, dropped tail), the shared memory never drops
     cap = torch.full((B,), 2)

@@ -54,6 +54,9 @@ def transformer_config(cfg: Config, *, cpu: bool | None = None) -> TransformerCo
         gradient_accumulation_fusion=False,
         persist_layer_norm=not cpu,
         variable_seq_lengths=False,
+        # Layers differ along the pattern (mixer and FFN kind), so checkpoints key each layer by its global number
+        # instead of stacking "same" weights of all layers into one tensor.
+        hetereogenous_dist_checkpoint=True,
     )
     if has_moe:
         kw.update(

@@ -102,3 +102,36 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Te
     starts = torch.cumsum(nchunks, 0) - nchunks
     idx = torch.arange(seq.numel(), device=cu_seqlens.device) - starts[seq]
     return torch.stack([seq, idx], 1).to(torch.int32)
+
+
+def segments(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) per sequence; a host read of cu_seqlens (for the reference and torch paths only)."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    c = cu_seqlens.tolist()
+    return [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
+
+
+def unpack_varlen(xs: list[torch.Tensor | None], cu_seqlens: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """Packed `[1, T, ...]` tensors -> zero-padded `[N, L, ...]` (L the longest segment), and the index that maps
+    each packed token to its row in the flattened `[N * L]` padding (for `pack_varlen`).
+
+    The torch paths run all segments as one batch this way; zero padding at a segment's end is inert for both
+    recurrences (k = 0, beta = 0, log-decay 0 leave the state unchanged). L is read on the host.
+    """
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    N, L = lens.numel(), max(int(lens.max()), 1) if lens.numel() else 1
+    pos = torch.arange(L, device=cu.device)
+    valid = pos[None] < lens[:, None]  # [N, L]
+    src = torch.where(valid, cu[:-1, None] + pos, 0)
+    out = [None if x is None else x[0][src] * valid.view(N, L, *([1] * (x.dim() - 2))).to(x.dtype) for x in xs]
+    T = int(cu[-1])
+    t = torch.arange(T, device=cu.device)
+    seg = torch.searchsorted(cu, t, right=True) - 1
+    return out, seg * L + (t - cu[seg])
+
+
+def pack_varlen(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpack_varlen` for an output: `[N, L, ...]` -> packed `[1, T, ...]`."""
+    return y.reshape(-1, *y.shape[2:])[index][None]

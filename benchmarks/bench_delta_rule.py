@@ -1,0 +1,127 @@
+"""Benchmark the chunked delta rule (gated and plain) against fla 0.6.0 and SDPA flash attention, bf16, one GPU.
+
+Run: python benchmarks/bench_delta_rule.py   (optional: SHAPES=16x2048x4x256,... ; JSON rows go to $OUT when set)
+TFLOP/s is a model count: forward 2 * (3 K V + BT (3 K + 2 V)) per token and head (BT = 64), fwd+bwd 3x that;
+SDPA causal: 2 T^2 D per head forward, 3.5x that for fwd+bwd.
+"""
+import json
+import os
+import subprocess
+
+import torch
+import torch.nn.functional as F
+import triton
+from linear_moe.kernels.delta_rule import chunk_delta_rule
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def inputs(B, T, H, D, gated, dt=torch.bfloat16):
+    q = torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True)
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).to(dt).requires_grad_()
+    v = torch.randn(B, T, H, D, device="cuda", dtype=dt, requires_grad=True)
+    beta = torch.rand(B, T, H, device="cuda", dtype=dt).sigmoid().requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_() if gated else None
+    return q, k, v, beta, g
+
+
+def measure(run_fwd, leaves):
+    def fwd():
+        with torch.no_grad():
+            run_fwd()
+
+    def fb():
+        o = run_fwd()
+        o.backward(torch.ones_like(o))
+        for x in leaves:
+            x.grad = None
+
+    fb()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t_fb = bench(fb)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return bench(fwd), t_fb, peak
+
+
+def main():
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
+          "| commit", commit or "unknown", flush=True)
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.delta_rule import chunk_delta_rule as fla_delta
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gated
+
+        # fla refuses its gated backward on Hopper with Triton < 3.7.1 (a Triton miscompile); for timing only
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    except Exception as e:  # noqa: BLE001 (fla is optional)
+        print("fla unavailable:", repr(e)[:200])
+        fla_delta = fla_gated = None
+    shapes = os.environ.get("SHAPES", "16x2048x4x256,4x8192x4x256,16x2048x16x128,4x8192x16x128")
+    rows = []
+    for s in shapes.split(","):
+        B, T, H, D = map(int, s.split("x"))
+        shape = f"B{B}xT{T}xH{H}xD{D}"
+        flop_f = 2 * (3 * D * D + 64 * 5 * D) * B * T * H
+        cases = []
+        for gated in (True, False):
+            tag = "gated" if gated else "plain"
+            cases.append((f"ours_{tag}", gated, lambda q, k, v, b, g: chunk_delta_rule(q, k, v, b, g)[0]))
+            ref = fla_gated if gated else fla_delta
+            if ref is not None:
+                if gated:
+                    cases.append((f"fla_{tag}", gated, lambda q, k, v, b, g: fla_gated(q, k, v, g, b)[0]))
+                else:
+                    cases.append((f"fla_{tag}", gated, lambda q, k, v, b, g: fla_delta(q, k, v, b)[0]))
+        for name, gated, fn in cases:
+            try:
+                q, k, v, beta, g = inputs(B, T, H, D, gated)
+                leaves = [x for x in (q, k, v, beta, g) if x is not None]
+                t_f, t_fb, peak = measure(lambda: fn(q, k, v, beta, g), leaves)
+                rows.append({"kernel": name, "shape": shape, "fwd_ms": t_f, "fwdbwd_ms": t_fb, "peak_gib": peak,
+                                 "tok_s": B * T / t_fb * 1e3, "tflops": 3 * flop_f / t_fb * 1e-9})
+            except Exception as e:  # noqa: BLE001 (report the row, keep going)
+                rows.append({"kernel": name, "shape": shape, "error": repr(e)[:300]})
+            print(json.dumps(rows[-1]), flush=True)
+            torch.cuda.empty_cache()
+        try:
+            hd = 128
+            nh = H * D // hd
+            q, k, v = (torch.randn(B, nh, T, hd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            t_f, t_fb, peak = measure(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+            fl = 2 * B * nh * T * T * hd
+            rows.append({"kernel": f"sdpa_{nh}x{hd}", "shape": shape, "fwd_ms": t_f, "fwdbwd_ms": t_fb, "peak_gib": peak,
+                             "tok_s": B * T / t_fb * 1e3, "tflops": 3.5 * fl / t_fb * 1e-9})
+        except Exception as e:
+            rows.append({"kernel": "sdpa", "shape": shape, "error": repr(e)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    by = {(r["kernel"], r["shape"]): r for r in rows}
+    for r in rows:
+        if r["kernel"].startswith("ours_"):
+            other = by.get(("fla_" + r["kernel"][5:], r["shape"]), {})
+            if "fwdbwd_ms" in r and "fwdbwd_ms" in other:
+                r["vs_fla_fwd"] = other["fwd_ms"] / r["fwd_ms"]
+                r["vs_fla_fwdbwd"] = other["fwdbwd_ms"] / r["fwdbwd_ms"]
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_delta_rule.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n== table (vs_fla = fla time / our time; > 1 means faster than fla)")
+    print("%-14s %-22s %8s %10s %12s %8s %8s %10s %10s" % ("kernel", "shape", "fwd_ms", "fwdbwd_ms", "tok/s",
+                                                            "TFLOP/s", "peakGiB", "vs_fla_f", "vs_fla_fb"))
+    for r in rows:
+        if "error" in r:
+            print("%-14s %-22s ERROR %s" % (r["kernel"], r["shape"], r["error"][:120]))
+            continue
+        print("%-14s %-22s %8.3f %10.3f %12.3g %8.1f %8.2f %10s %10s" % (
+            r["kernel"], r["shape"], r["fwd_ms"], r["fwdbwd_ms"], r["tok_s"], r["tflops"], r["peak_gib"],
+            "{:.2f}".format(r["vs_fla_fwd"]) if "vs_fla_fwd" in r else "", "{:.2f}".format(r["vs_fla_fwdbwd"])
+            if "vs_fla_fwdbwd" in r else ""))
+
+
+if __name__ == "__main__":
+    main()

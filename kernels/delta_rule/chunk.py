@@ -1,0 +1,617 @@
+"""Chunked delta rule (DeltaNet / gated DeltaNet) in Triton: forward and backward.
+
+Within a chunk of BT steps with cumulative log gate G (gamma = exp(G), Gl = G at the chunk's last step), state h
+entering the chunk, q already scaled:
+    A = strict_lower(beta_i k_i.k_j exp(G_i - G_j)),   T = (I + A)^-1       (WY representation)
+    w = T (beta gamma k),   u = T (beta v),   v_new = u - w h
+    o = gamma q h + (q k^T * decay mask) v_new,   h_next = exp(Gl) h + (k exp(Gl - G))^T v_new
+
+Every sequence layout is handled as varlen: a dense [B, T] batch is [1, B*T] with offsets 0, T, 2T, ... Kernels that
+work per chunk run over an upper bound of chunks and read their (sequence, chunk) from a device-side table, so the
+varlen path has no host sync. Hopper note: no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot`
+(Triton 3.4-3.7.0 miscompiles that); transposed products are recomputed from loaded tiles instead.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.delta_rule.naive import l2norm, torch_chunk_delta_rule, validate_delta_rule_inputs
+
+# tests set this to poison every torch.empty buffer with NaN, so an unwritten element cannot pass unnoticed
+DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
+
+
+def _empty(*shape, dtype, device):
+    x = torch.empty(*shape, dtype=dtype, device=device)
+    if DEBUG_POISON:
+        x.fill_(float("nan"))
+    return x
+
+
+@triton.jit
+def _tile(base, R, C, sr, sc, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Pointers and mask of a [BR, BC] tile at (r0, c0) of an [R, C] matrix with strides (sr, sc)."""
+    o_r = r0 + tl.arange(0, BR)
+    o_c = c0 + tl.arange(0, BC)
+    return base + o_r[:, None] * sr + o_c[None, :] * sc, (o_r[:, None] < R) & (o_c[None, :] < C)
+
+
+@triton.jit
+def _unit_lower_inverse(b_A, BT: tl.constexpr, LOG_BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT] in fp32: with N = -A nilpotent, (I - N)^-1 = sum_{j < BT} N^j
+    = (I + N)(I + N^2)(I + N^4)..., i.e. log2(BT) - 1 doublings of two matmuls each (no row-by-row loop)."""
+    o_i = tl.arange(0, BT)
+    b_P = -b_A
+    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) + b_P
+    for _ in tl.static_range(LOG_BT - 1):
+        b_P = tl.dot(b_P, b_P, input_precision=PREC)
+        b_T += tl.dot(b_T, b_P, input_precision=PREC)
+    return b_T
+
+
+@triton.jit
+def _chunk_lookup(chunk_info, cu_seqlens, i_c):
+    n = tl.load(chunk_info + i_c * 2).to(tl.int32)
+    i_t = tl.load(chunk_info + i_c * 2 + 1).to(tl.int32)
+    bos = tl.load(cu_seqlens + n).to(tl.int32)
+    eos = tl.load(cu_seqlens + n + 1).to(tl.int32)
+    return n, i_t, bos, eos - bos
+
+
+@triton.jit
+def _load_gates(G, bos, T, i_t, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """Cumulative log gate of the chunk [BT] (0 beyond the sequence) and its value at the chunk's last step."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    b_G = tl.load(G + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+    last = tl.minimum(i_t * BT + BT, T) - 1
+    b_Gl = tl.load(G + (bos + last) * H + i_h)
+    return b_G, b_Gl
+
+
+@triton.jit
+def chunk_delta_rule_fwd_kernel_wy(
+    k, v, beta, g, G, w, u,
+    cu_seqlens, chunk_info, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, PREC: tl.constexpr, LOG_BT: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
+    if n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if USE_G:
+        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        b_G = tl.cumsum(b_g, 0)
+        tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+    # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    m_strict = o_i[:, None] > o_i[None, :]
+    b_A = tl.where(m_strict, b_A * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
+    b_Tc = b_T.to(k.dtype.element_ty)
+    b_bg = b_beta * tl.exp(b_G)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
+        b_w = tl.dot(b_Tc, b_kb, input_precision=PREC)
+        tl.store(p_w, b_w.to(p_w.dtype.element_ty), mask=m_w)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        b_v = tl.load(p_v, mask=m_v, other=0.0)
+        b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
+        b_u = tl.dot(b_Tc, b_vb, input_precision=PREC)
+        tl.store(p_u, b_u.to(p_u.dtype.element_ty), mask=m_u)
+
+
+@triton.jit
+def chunk_delta_rule_fwd_kernel_h(
+    k, w, u, G, h, v_new, h0, ht,
+    cu_seqlens, cu_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + n).to(tl.int32)
+    T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
+    c0 = tl.load(cu_chunks + n).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+    if USE_H0:
+        p_s, m_s = _tile(h0 + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        b_h = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([KP, BV], dtype=tl.float32)
+    for i_t in range(NT):
+        p_h, m_h = _tile(h + ((c0 + i_t) * H + i_h) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+        p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
+        p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+        b_w = tl.load(p_w, mask=m_w, other=0.0)
+        b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
+        b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
+        if USE_G:
+            b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+            m_t = i_t * BT + o_i < T
+            b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
+            b_h *= tl.exp(b_Gl)
+        b_kt = tl.load(p_kt, mask=m_kt, other=0.0)
+        b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PREC)
+    if STORE_HT:
+        p_ht, m_ht = _tile(ht + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        tl.store(p_ht, b_h, mask=m_ht)
+
+
+@triton.jit
+def chunk_delta_rule_fwd_kernel_o(
+    q, k, v_new, h, G, o, scale,
+    cu_seqlens, chunk_info, N,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
+    if n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_q, m_q = _tile(q + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, i_k * BK, i_t * BT, BK, BT)
+        p_h, m_h = _tile(h + (i_c.to(tl.int64) * H + i_h) * K * V, K, V, V, 1, i_k * BK, i_v * BV, BK, BV)
+        b_q = tl.load(p_q, mask=m_q, other=0.0)
+        b_kt = tl.load(p_kt, mask=m_kt, other=0.0)
+        b_h = tl.load(p_h, mask=m_h, other=0.0)
+        b_o += tl.dot(b_q, b_h, input_precision=PREC)
+        b_A += tl.dot(b_q, b_kt, input_precision=PREC)
+    m_c = o_i[:, None] >= o_i[None, :]
+    if USE_G:
+        b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
+        b_o = b_o * tl.exp(b_G)[:, None]
+        b_A = tl.where(m_c, b_A * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    else:
+        b_A = tl.where(m_c, b_A, 0.0)
+    p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+    p_o, m_o = _tile(o + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+    b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
+    b_o = (b_o + tl.dot(b_A.to(b_vn.dtype), b_vn, input_precision=PREC)) * scale
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def chunk_delta_rule_bwd_kernel_dh(
+    q, k, w, G, do, dv, dh, dht, dh0, scale,
+    cu_seqlens, cu_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + n).to(tl.int32)
+    T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
+    c0 = tl.load(cu_chunks + n).to(tl.int64)
+    NT = tl.cdiv(T, BT)
+    o_i = tl.arange(0, BT)
+    m_c = o_i[:, None] <= o_i[None, :]
+    if USE_DHT:
+        p_dht, m_dht = _tile(dht + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        b_dh = tl.load(p_dht, mask=m_dht, other=0.0).to(tl.float32)
+    else:
+        b_dh = tl.zeros([KP, BV], dtype=tl.float32)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        p_dh, m_dh = _tile(dh + ((c0 + i_t) * H + i_h) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_dh)
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
+        p_qt, m_qt = _tile(q + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+        p_wt, m_wt = _tile(w + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+        p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_qt = tl.load(p_qt, mask=m_qt, other=0.0)
+        b_do = tl.load(p_do, mask=m_do, other=0.0)
+        # [BT, BT]: entry (j, i) = k_j.q_i, kept for i >= j
+        b_Akq = tl.dot(b_k, b_qt, input_precision=PREC)
+        if USE_G:
+            b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+            m_t = i_t * BT + o_i < T
+            b_Akq = tl.where(m_c, b_Akq * tl.exp(b_G[None, :] - b_G[:, None]), 0.0) * scale
+            b_kd = (b_k * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]).to(b_k.dtype)
+            b_qt = (b_qt * (tl.exp(b_G) * scale)[None, :]).to(b_qt.dtype)
+        else:
+            b_Akq = tl.where(m_c, b_Akq, 0.0) * scale
+            b_kd = b_k
+            b_qt = (b_qt * scale).to(b_qt.dtype)
+        b_dv = tl.dot(b_Akq.to(b_do.dtype), b_do, input_precision=PREC)
+        b_dv += tl.dot(b_kd, b_dh.to(b_kd.dtype), input_precision=PREC)
+        tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
+        b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
+        if USE_G:
+            b_dh *= tl.exp(b_Gl)
+        b_dh += tl.dot(b_qt, b_do, input_precision=PREC)
+        b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
+    if STORE_DH0:
+        p_dh0, m_dh0 = _tile(dh0 + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        tl.store(p_dh0, b_dh, mask=m_dh0)
+
+
+@triton.jit
+def chunk_delta_rule_bwd_kernel_dqkw(
+    q, k, v_new, h, do, dh, dv, G, dq, dk, dw, dG, scale,
+    cu_seqlens, chunk_info, N, TT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    USE_G: tl.constexpr, PREC: tl.constexpr,
+):
+    """Per chunk and K-block: dq (final), dk from the output and the state (partial), dw, and the per-step
+    gradient of the cumulative gate from those terms (partial over K-blocks)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
+    if n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ds = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dst = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        # h and dh stored [K, V]; loaded as [BV, BK] tiles through the strides
+        p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
+        p_dht, m_dht = _tile(dh + (i_c.to(tl.int64) * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
+        b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
+        b_do = tl.load(p_do, mask=m_do, other=0.0)
+        b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
+        b_ht = tl.load(p_ht, mask=m_ht, other=0.0)
+        b_dht = tl.load(p_dht, mask=m_dht, other=0.0)
+        b_dq += tl.dot(b_do, b_ht.to(b_do.dtype), input_precision=PREC)
+        b_dk += tl.dot(b_vn, b_dht.to(b_vn.dtype), input_precision=PREC)
+        b_dw += tl.dot(b_dv, b_ht.to(b_dv.dtype), input_precision=PREC)
+        # ds_ij = do_i.v_new_j and its transpose, both from loaded tiles
+        b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
+        b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
+        if USE_G:
+            b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+    p_q, m_q = _tile(q + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    b_q = tl.load(p_q, mask=m_q, other=0.0)
+    b_k = tl.load(p_k, mask=m_k, other=0.0)
+    m_t = i_t * BT + o_i < T
+    if USE_G:
+        b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+        b_ds = tl.where(o_i[:, None] >= o_i[None, :], b_ds * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
+        b_dst = tl.where(o_i[:, None] <= o_i[None, :], b_dst * tl.exp(b_G[None, :] - b_G[:, None]), 0.0) * scale
+        b_dq = b_dq * (tl.exp(b_G) * scale)[:, None]
+        b_dk = b_dk * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
+    else:
+        b_ds = tl.where(o_i[:, None] >= o_i[None, :], b_ds, 0.0) * scale
+        b_dst = tl.where(o_i[:, None] <= o_i[None, :], b_dst, 0.0) * scale
+        b_dq = b_dq * scale
+    b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+    b_dk_state = b_dk
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    p_dq, m_dq = _tile(dq + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    p_dk, m_dk = _tile(dk + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
+    tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
+    if USE_G:
+        # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
+        b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
+        b_last = tl.sum(b_dgl, 0) * tl.exp(b_Gl) + tl.sum(b_k.to(tl.float32) * b_dk_state)
+        i_last = tl.minimum(BT, T - i_t * BT) - 1
+        b_dG += tl.where(o_i == i_last, b_last, 0.0)
+        tl.store(dG + (i_k * TT + bos + i_t * BT + o_i) * H + i_h, b_dG, mask=m_t)
+
+
+@triton.jit
+def chunk_delta_rule_bwd_kernel_wy(
+    k, v, beta, G, dw, du, dk, dk_out, dv_out, dbeta, dG, dg,
+    cu_seqlens, chunk_info, N, TT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+    USE_G: tl.constexpr, PREC: tl.constexpr, LOG_BT: tl.constexpr,
+):
+    """Backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1; finishes dk, dv, dbeta, dg."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
+    if n >= N:
+        return
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    if USE_G:
+        b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
+    else:
+        b_G = tl.zeros([BT], dtype=tl.float32)
+    b_gam = tl.exp(b_G)
+    b_bg = b_beta * b_gam
+    # recompute T from k, beta, G (cheaper than storing it)
+    b_KK = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+    m_strict = o_i[:, None] > o_i[None, :]
+    b_A = tl.where(m_strict, b_KK * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
+    b_Tt = tl.trans(b_T)
+    b_Ttc = b_Tt.to(k.dtype.element_ty)
+    # dT = dw (beta gamma k)^T + du (beta v)^T, and its transpose, each from loaded tiles
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
+        b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
+        b_dT += tl.dot(b_dw, tl.trans(b_kb), input_precision=PREC)
+        b_dTt += tl.dot(b_kb, tl.trans(b_dw), input_precision=PREC)
+    for i_v in range(tl.cdiv(V, BV)):
+        p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_du, m_du = _tile(du + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_dvo, m_dvo = _tile(dv_out + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        b_v = tl.load(p_v, mask=m_v, other=0.0)
+        b_du = tl.load(p_du, mask=m_du, other=0.0)
+        b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
+        b_dT += tl.dot(b_du, tl.trans(b_vb), input_precision=PREC)
+        b_dTt += tl.dot(b_vb, tl.trans(b_du), input_precision=PREC)
+        # T^T du
+        b_dvb = tl.dot(b_Ttc, b_du.to(b_Ttc.dtype), input_precision=PREC)
+        b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), 1)
+        tl.store(p_dvo, (b_dvb * b_beta[:, None]).to(p_dvo.dtype.element_ty), mask=m_dvo)
+    # dA = -T^T dT T^T (strictly lower), dA^T = -T dT^T T; then through A_ij = beta_i k_i.k_j exp(G_i - G_j)
+    b_dA = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
+    b_dAt = -tl.dot(tl.dot(b_T, b_dTt, input_precision=PREC), b_T, input_precision=PREC)
+    b_D = tl.where(m_strict, b_dA * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    b_Dt = tl.where(o_i[:, None] < o_i[None, :], b_dAt * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+    b_DKK = b_D * b_KK
+    b_dbeta += tl.sum(b_DKK, 1)
+    b_E = b_DKK * b_beta[:, None]
+    b_dG = tl.sum(b_E, 1) - tl.sum(b_E, 0)
+    b_Dc = b_D.to(k.dtype.element_ty)
+    b_Dtc = b_Dt.to(k.dtype.element_ty)
+    for i_k in range(tl.cdiv(K, BK)):
+        p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dk, m_dk = _tile(dk + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dko, m_dko = _tile(dk_out + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        b_k = tl.load(p_k, mask=m_k, other=0.0)
+        b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
+        b_dk = tl.load(p_dk, mask=m_dk, other=0.0).to(tl.float32)
+        # T^T dw: gradient of (beta gamma k)
+        b_dkb = tl.dot(b_Ttc, b_dw.to(b_Ttc.dtype), input_precision=PREC)
+        b_kdkb = tl.sum(b_dkb * b_k.to(tl.float32), 1)
+        b_dbeta += b_kdkb * b_gam
+        b_dG += b_kdkb * b_bg
+        b_dk += b_dkb * b_bg[:, None]
+        b_dk += tl.dot(b_Dc, b_k, input_precision=PREC) * b_beta[:, None]
+        b_dk += tl.dot(b_Dtc, (b_k * b_beta[:, None]).to(b_k.dtype), input_precision=PREC)
+        tl.store(p_dko, b_dk.to(p_dko.dtype.element_ty), mask=m_dko)
+    tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
+    if USE_G:
+        for i_k in range(NK):
+            b_dG += tl.load(dG + (i_k * TT + bos + o_t) * H + i_h, mask=m_t, other=0.0)
+        # g_t enters every G_i with i >= t of its chunk: reverse cumulative sum
+        b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
+        tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
+    """Device-side chunk bookkeeping without host syncs: (cu_seqlens int32, cu_chunks [N+1], chunk_info [NT, 2], NT).
+
+    NT = T // BT + N bounds the number of chunks; rows past the last chunk carry sequence index N (skipped).
+    """
+    N = cu_seqlens.numel() - 1
+    cu = cu_seqlens.to(torch.int32)
+    nch = (cu[1:] - cu[:-1] + BT - 1) // BT
+    cu_chunks = torch.cat([cu.new_zeros(1), torch.cumsum(nch, 0, dtype=torch.int32)])
+    NT = T // BT + N
+    ids = torch.arange(NT, device=cu.device, dtype=torch.int32)
+    seq = torch.searchsorted(cu_chunks[1:].contiguous(), ids, right=True).to(torch.int32)
+    local = ids - cu_chunks[seq.clamp(max=N - 1)]
+    return cu, cu_chunks, torch.stack([seq, local], 1).contiguous(), NT
+
+
+def _state_bv(KP: int, BV: int) -> int:
+    # the state kernels hold a [K, BV] fp32 state and [BT, K] tiles at once: narrow V-blocks keep K = 256 within
+    # registers and shared memory
+    return min(BV, 32 if KP >= 256 else 64)
+
+
+def _prec(x: torch.Tensor) -> str:
+    # only fp32 x fp32 products read this: exact for fp32 inputs, ~fp32 (3 tf32 passes) for the fp32 tiles
+    # (T, dT, dA) of 16-bit inputs
+    return "ieee" if x.dtype == torch.float32 else "tf32x3"
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                         BT: int = 64, BK: int = 64, BV: int = 64, keep_h: bool = False):
+    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. Returns (o, ht, w, u, h, v_new, G)."""
+    _, TT, H, K = k.shape
+    V = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    dev, dt = q.device, q.dtype
+    BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
+    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
+    USE_G = g is not None
+    prec = _prec(q)
+    # fp32 tiles are twice as large: a shallower software pipeline keeps them in shared memory
+    stages = 2 if q.dtype == torch.float32 else 3
+    G = _empty(1, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    w = _empty(1, TT, H, K, dtype=dt, device=dev)
+    u = _empty(1, TT, H, V, dtype=dt, device=dev)
+    chunk_delta_rule_fwd_kernel_wy[(NT, H)](
+        k, v, beta, g, G, w, u, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec,
+        LOG_BT=BT.bit_length() - 1, num_stages=stages,
+    )
+    h = _empty(NT, H, K, V, dtype=dt, device=dev)
+    v_new = _empty(1, TT, H, V, dtype=dt, device=dev)
+    ht = _empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    BVS = _state_bv(KP, BV)
+    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(V, BVS), N * H)](
+        k, w, u, G, h, v_new, initial_state, ht, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
+        USE_G=USE_G, USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, num_stages=1,
+    )
+    o = _empty(1, TT, H, V, dtype=dt, device=dev)
+    chunk_delta_rule_fwd_kernel_o[(triton.cdiv(V, BV), NT, H)](
+        q, k, v_new, h, G, o, scale, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec, num_stages=stages,
+    )
+    return o, ht, w, u, h, v_new, G
+
+
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht,
+                         BT: int = 64, BK: int = 64, BV: int = 64):
+    """Recompute the forward's intermediates, then dh through the chunks, then per-chunk gradients."""
+    _, TT, H, K = k.shape
+    V = v.shape[-1]
+    N = cu_seqlens.numel() - 1
+    dev, dt = q.device, q.dtype
+    _, _, w, _, h, v_new, G = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, False, cu_seqlens,
+                                                   BT, BK, BV)
+    BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
+    NK = triton.cdiv(K, BK)
+    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
+    USE_G = g is not None
+    prec = _prec(q)
+    # fp32 tiles are twice as large: a shallower software pipeline keeps them in shared memory
+    stages = 2 if q.dtype == torch.float32 else 3
+    dh = _empty(NT, H, K, V, dtype=dt, device=dev)
+    du = _empty(1, TT, H, V, dtype=dt, device=dev)
+    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev) if initial_state is not None else None
+    BVS = _state_bv(KP, BV)
+    chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(V, BVS), N * H)](
+        q, k, w, G, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
+        USE_G=USE_G, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_stages=1,
+    )
+    dq = _empty(1, TT, H, K, dtype=dt, device=dev)
+    dk = _empty(1, TT, H, K, dtype=torch.float32, device=dev)
+    dw = _empty(1, TT, H, K, dtype=dt, device=dev)
+    dG = _empty(NK, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    chunk_delta_rule_bwd_kernel_dqkw[(NK, NT, H)](
+        q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, cu, info, N, TT,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec, num_stages=stages,
+    )
+    dk_out = _empty(1, TT, H, K, dtype=dt, device=dev)
+    dv = _empty(1, TT, H, V, dtype=dt, device=dev)
+    dbeta = _empty(1, TT, H, dtype=torch.float32, device=dev)
+    dg = _empty(1, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    chunk_delta_rule_bwd_kernel_wy[(NT, H)](
+        k, v, beta, G, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NK=NK, USE_G=USE_G, PREC=prec, LOG_BT=BT.bit_length() - 1,
+        num_stages=stages,
+    )
+    return dq, dk_out, dv, dbeta, dg, dh0
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, blocks):
+        o, ht, *_ = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                                         *blocks)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        ctx.scale, ctx.blocks = scale, blocks
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, initial_state, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
+            q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
+            dht.contiguous() if dht is not None else None, *ctx.blocks,
+        )
+        dbeta = dbeta.to(beta.dtype)
+        dg = dg.to(g.dtype) if g is not None else None
+        dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None, None
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    backend: str | None = None,
+    check_inputs: bool = True,
+    chunk_size: int = 64,
+    block_k: int = 64,
+    block_v: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked (gated) delta rule.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] in (0, 1); g: [B, T, H] log decay (<= 0) or None
+            for plain DeltaNet. fp32/fp16/bf16 (q, k, v one dtype); accumulation in fp32.
+        scale: output scale, default K ** -0.5.
+        initial_state: [N, H, K, V] (N = B, or the number of sequences with cu_seqlens); read in fp32.
+        output_final_state: also return the fp32 final state [N, H, K, V].
+        cu_seqlens: [N + 1] int32/int64 offsets of packed sequences (B must be 1); zero-length segments allowed.
+        use_qk_l2norm: L2-normalise q and k over the head dim first (gradients flow through it).
+        backend: None (Triton on CUDA, torch on CPU), "triton" or "torch".
+        check_inputs: check cu_seqlens values on the host (a device sync); pass False on a sync-free hot path.
+        chunk_size, block_k, block_v: Triton tile sizes (powers of two, >= 16).
+    Returns:
+        o [B, T, H, V] in v's dtype, and the final state or None.
+    """
+    B, T, H, K, V, _ = validate_delta_rule_inputs(q, k, v, beta, g, initial_state, cu_seqlens, check_inputs)
+    if not use_triton(q, backend):
+        return torch_chunk_delta_rule(
+            q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm, check_inputs=False,
+        )
+    for name, b in (("chunk_size", chunk_size), ("block_k", block_k), ("block_v", block_v)):
+        if b < 16 or b & (b - 1):
+            raise ValueError(f"{name}={b} must be a power of two >= 16")
+    scale = K**-0.5 if scale is None else float(scale)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
+    q, k, v, beta = (x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v, beta))
+    g = g.reshape(1, B * T, H).contiguous() if g is not None else None
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    o, ht = ChunkDeltaRuleFunction.apply(
+        q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, (chunk_size, block_k, block_v)
+    )
+    return o.reshape(B, T, H, V), ht

@@ -1,0 +1,255 @@
+"""Delta rule kernels (DeltaNet, gated DeltaNet) against the step-by-step fp32 definition: output, final state and
+every gradient (q, k, v, beta, g, initial state), dense and varlen (with a zero-length segment)."""
+import linear_moe.kernels.delta_rule.chunk as chunk_mod
+import pytest
+import torch
+import torch.nn.functional as F
+from linear_moe.kernels.delta_rule import (
+    chunk_delta_rule,
+    fused_recurrent_delta_rule,
+    naive_recurrent_delta_rule,
+    torch_chunk_delta_rule,
+)
+
+NAMES = ("o", "ht", "dq", "dk", "dv", "dbeta", "dg", "dh0")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(chunk_mod, "DEBUG_POISON", True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, K, V, gated, dtype=torch.float32, device="cpu", N=None):
+    q = torch.randn(B, T, H, K, device=device)
+    # unit-norm keys keep the recurrence contractive, as the mixers' l2norm does
+    k = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1)
+    v = torch.randn(B, T, H, V, device=device)
+    beta = torch.rand(B, T, H, device=device).sigmoid()
+    g = F.logsigmoid(torch.randn(B, T, H, device=device) + 2.0) if gated else None
+    h0 = torch.randn(N or B, H, K, V, device=device) * 0.5
+    return [q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g, h0]
+
+
+def run(fn, inputs, **kw):
+    """Forward with a final state, backward with random cotangents on o and the state; returns dict of results."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    q, k, v, beta, g, h0 = leaves
+    o, ht = fn(q, k, v, beta, g, initial_state=h0, output_final_state=True, **kw)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(o.device, o.dtype)
+    dht = torch.randn(ht.shape, generator=gen).to(ht.device, ht.dtype)
+    ((o.float() * do.float()).sum() + (ht * dht).sum()).backward()
+    out = {"o": o, "ht": ht}
+    for name, x in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), leaves):
+        if x is not None:
+            out[name] = x.grad
+    return out
+
+
+def compare(got, ref, tol, skip=()):
+    errs = {n: rel(got[n], ref[n]) for n in NAMES if n in ref and n not in skip}
+    bad = {n: e for n, e in errs.items() if not e <= tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+def _id(B, T, H, D, dt):
+    return f"B{B}-T{T}-H{H}-D{D}-{dt}"
+
+
+# (B, T, H, K, V): odd T, exactly one chunk, one past a chunk; T=1000 only with tiny dims (interpreter cost)
+SHAPES = [(2, 1, 2, 32, 32), (2, 63, 2, 32, 32), (1, 64, 2, 32, 16), (2, 65, 1, 16, 32), (1, 1000, 1, 16, 16)]
+SHAPE_IDS = [_id(B, T, H, K, "fp32") for B, T, H, K, V in SHAPES]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("l2", [False, True], ids=["", "l2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_torch_chunk_vs_naive(shape, gated, l2):
+    B, T, H, K, V = shape
+    inputs = make_inputs(B, T, H, K, V, gated)
+    ref = run(naive_recurrent_delta_rule, inputs, use_qk_l2norm=l2)
+    compare(run(torch_chunk_delta_rule, inputs, use_qk_l2norm=l2), ref, 1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_chunk_triton_vs_naive(shape, gated):
+    B, T, H, K, V = shape
+    inputs = make_inputs(B, T, H, K, V, gated)
+    ref = run(naive_recurrent_delta_rule, inputs)
+    compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
+
+
+@pytest.mark.parametrize(
+    "blocks", [(16, 16, 16), (32, 32, 16), (64, 32, 32)], ids=lambda b: "BT{}-BK{}-BV{}".format(*b)
+)
+def test_chunk_triton_blocks_l2norm(blocks):
+    BT, BK, BV = blocks
+    inputs = make_inputs(1, 70, 1, 32, 16, True)
+    ref = run(naive_recurrent_delta_rule, inputs, use_qk_l2norm=True)
+    got = run(chunk_delta_rule, inputs, backend="triton", use_qk_l2norm=True, chunk_size=BT, block_k=BK, block_v=BV)
+    compare(got, ref, 1e-5)
+
+
+FUSED_CASES = [((2, 1, 2, 32, 32), False), ((1, 63, 2, 16, 32), False), ((1, 63, 2, 16, 32), True),
+               ((1, 1000, 1, 16, 16), True)]
+
+
+@pytest.mark.parametrize(
+    "shape,gated", FUSED_CASES, ids=[_id(*s[:3], s[3], "fp32") + ("-gated" if gt else "-plain") for s, gt in FUSED_CASES]
+)
+def test_fused_recurrent_vs_naive(shape, gated):
+    B, T, H, K, V = shape
+    inputs = make_inputs(B, T, H, K, V, gated)
+    ref = run(naive_recurrent_delta_rule, inputs, use_qk_l2norm=True)
+    compare(run(fused_recurrent_delta_rule, inputs, backend="triton", use_qk_l2norm=True), ref, 1e-5)
+
+
+def _varlen_reference(inputs, cu, **kw):
+    """Per-sequence loop over the naive definition; gradients through the concatenation."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    q, k, v, beta, g, h0 = leaves
+    c = cu.tolist()
+    os_, hs = [], []
+    for n in range(len(c) - 1):
+        s = slice(c[n], c[n + 1])
+        o, ht = naive_recurrent_delta_rule(
+            q[:, s], k[:, s], v[:, s], beta[:, s], g[:, s] if g is not None else None,
+            initial_state=h0[n : n + 1], output_final_state=True, **kw,
+        )
+        os_.append(o)
+        hs.append(ht)
+    o, ht = torch.cat(os_, 1), torch.cat(hs, 0)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    do = torch.randn(o.shape, generator=gen).to(o.device, o.dtype)
+    dht = torch.randn(ht.shape, generator=gen).to(ht.device, ht.dtype)
+    ((o * do).sum() + (ht * dht).sum()).backward()
+    out = {"o": o, "ht": ht}
+    for name, x in zip(("dq", "dk", "dv", "dbeta", "dg", "dh0"), leaves):
+        if x is not None:
+            out[name] = x.grad
+    return out
+
+
+@pytest.mark.parametrize("impl", ["chunk", "fused", "torch"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_varlen_zero_length_segment(impl, gated):
+    # segments 0 and 4 are empty, 17 ends mid-chunk, 70 spans chunks
+    cu = torch.tensor([0, 0, 17, 87, 88, 88, 100], dtype=torch.int64 if impl == "chunk" else torch.int32)
+    inputs = make_inputs(1, 100, 1, 16, 32, gated, N=6)
+    ref = _varlen_reference(inputs, cu, use_qk_l2norm=True)
+    fn = {"chunk": chunk_delta_rule, "fused": fused_recurrent_delta_rule, "torch": torch_chunk_delta_rule}[impl]
+    kw = {} if impl == "torch" else {"backend": "triton"}
+    if impl == "chunk":
+        kw.update(chunk_size=16, block_k=16, block_v=16, check_inputs=False)
+    got = run(fn, inputs, cu_seqlens=cu, use_qk_l2norm=True, **kw)
+    errs = compare(got, ref, 1e-5)
+    # the empty segments pass their initial state through untouched, and get its gradient back unchanged
+    assert torch.equal(got["ht"][0], inputs[5][0]) and torch.equal(got["ht"][4], inputs[5][4]), errs
+
+
+def test_chunk_fp16():
+    inputs = make_inputs(2, 65, 2, 32, 32, True)
+    ref = run(naive_recurrent_delta_rule, inputs)
+    half = [x.half() if x is not None and i < 4 else x for i, x in enumerate(inputs)]
+    # the fp32 reference on fp16-rounded inputs gives torch's own same-dtype error; the kernel stores w, u, h and
+    # v_new in fp16, so it may be a few times that: bound at 5x torch's error and 1e-2 outright
+    own = run(naive_recurrent_delta_rule, [x.float() if x is not None else None for x in half])
+    own_err = {n: rel(own[n], ref[n]) for n in ref}
+    got = run(chunk_delta_rule, half, backend="triton", block_k=16, block_v=32)
+    errs = compare(got, ref, 1e-2)
+    assert all(errs[n] <= max(5 * own_err[n], 2e-3) for n in errs), (errs, own_err)
+    assert got["o"].dtype == torch.float16 and got["dq"].dtype == torch.float16
+
+
+def test_default_backend_on_cpu_is_torch():
+    inputs = make_inputs(1, 20, 1, 16, 16, True)
+    a = chunk_delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    b = torch_chunk_delta_rule(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("fn", [chunk_delta_rule, fused_recurrent_delta_rule, torch_chunk_delta_rule,
+                                naive_recurrent_delta_rule], ids=lambda f: f.__name__)
+def test_bad_inputs(fn):
+    q, k, v, beta, g, h0 = make_inputs(2, 8, 2, 16, 16, True)
+    cases = [
+        ((q, k[:, :4], v, beta, g), {}, "same shape"),
+        ((q, k, v, beta[..., :1], g), {}, "beta must have shape"),
+        ((q, k, v, beta, g[:, :3]), {}, "g must have shape"),
+        ((q, k, v.double(), beta, g), {}, "v.dtype"),
+        ((q, k, v, beta, g), {"initial_state": h0[:1]}, "initial_state must have shape"),
+        ((q, k, v, beta, g), {"cu_seqlens": torch.tensor([0, 8])}, "batch must be 1"),
+        ((q[:1], k[:1], v[:1], beta[:1], g[:1]), {"cu_seqlens": torch.tensor([1, 8])}, "start at 0"),
+        ((q[:1], k[:1], v[:1], beta[:1], g[:1]), {"cu_seqlens": torch.tensor([0, 5, 3, 8])}, "non-decreasing"),
+        ((q[:1], k[:1], v[:1], beta[:1], g[:1]), {"cu_seqlens": torch.tensor([0, 5, 7])}, "end at T"),
+        ((q[:1], k[:1], v[:1], beta[:1], g[:1]), {"cu_seqlens": torch.tensor([0.0, 8.0])}, "cu_seqlens.dtype"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            fn(*args, **kw)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_delta_rule(q, k, v, beta, g, backend="triton", chunk_size=48)
+
+
+# ---- GPU: bf16 at full shapes against the fp32 reference, block sizes varied (Hopper miscompile guard) ----
+
+# bf16 inputs and bf16 intermediates (w, u, h, v_new, dv stored in bf16): stated bounds per quantity
+GPU_TOL = {"o": 1.5e-2, "ht": 1.5e-2, "dq": 2e-2, "dk": 3e-2, "dv": 2e-2, "dbeta": 3e-2, "dg": 4e-2, "dh0": 2e-2}
+GPU_BLOCKS = [(64, 64, 64), (64, 32, 32), (64, 128, 64), (32, 64, 32), (64, 64, 128)]
+
+
+def _gpu_reference(inputs, **kw):
+    # fp32 torch chunk path (TF32 off), itself checked against the naive loop on CPU
+    return run(torch_chunk_delta_rule, [x.float() if x is not None else None for x in inputs], **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=lambda b: "BT{}-BK{}-BV{}".format(*b))
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_gpu_chunk_bf16_full_shape(blocks, gated):
+    BT, BK, BV = blocks
+    inputs = make_inputs(2, 2048, 4, 256, 256, gated, dtype=torch.bfloat16, device="cuda")
+    ref = _gpu_reference(inputs, use_qk_l2norm=True)
+    got = run(chunk_delta_rule, inputs, use_qk_l2norm=True, chunk_size=BT, block_k=BK, block_v=BV)
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
+    assert not bad, (bad, errs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_chunk_varlen_no_sync(dtype):
+    cu = torch.tensor([0, 0, 1000, 1003, 3000, 3000, 4096], device="cuda", dtype=torch.int32)
+    inputs = make_inputs(1, 4096, 4, 128, 128, True, dtype=dtype, device="cuda", N=6)
+    ref = _gpu_reference(inputs, cu_seqlens=cu, use_qk_l2norm=True)
+    chunk_delta_rule(*inputs[:5], initial_state=inputs[5], cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        o, _ = chunk_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True, cu_seqlens=cu,
+                                 use_qk_l2norm=True, check_inputs=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
+    tol = 1e-3 if dtype == torch.float32 else None
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= (tol or GPU_TOL[n])}
+    assert not bad, (bad, errs)
+    assert torch.equal(o, got["o"])
+
+
+@pytest.mark.gpu
+def test_gpu_fused_recurrent_decode_bf16():
+    inputs = make_inputs(8, 4, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda")
+    ref = _gpu_reference(inputs, use_qk_l2norm=True)
+    got = run(fused_recurrent_delta_rule, inputs, use_qk_l2norm=True)
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
+    assert not bad, (bad, errs)

@@ -1,0 +1,145 @@
+"""Benchmark chunk_gla (vector and scalar decay) against fla 0.6.0's chunk_gla / chunk_simple_gla and torch SDPA.
+
+    python benchmarks/bench_gla.py            # bf16, B16xT2048 and B4xT8192 at H4xD256 and H16xD128
+
+Prints the card, torch, triton and commit first, one table last; writes $OUT/bench_gla.json when OUT is set.
+TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
+fla's kernels autotune on their first call (several minutes for all shapes): give the run 10 minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from linear_moe.kernels.gla import chunk_gla
+from triton.testing import do_bench
+
+SHAPES = [(16, 2048, 4, 256), (4, 8192, 4, 256), (16, 2048, 16, 128), (4, 8192, 16, 128)]
+
+
+def header() -> None:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}")
+    try:
+        import fla
+
+        print(f"fla: {getattr(fla, '__version__', '?')}")
+    except Exception as e:  # noqa: BLE001
+        print(f"fla: n/a ({type(e).__name__}: {e})")
+
+
+def gla_flops(B: int, T: int, H: int, K: int, V: int, BT: int = 64) -> float:
+    """Forward matmul FLOPs of the chunked algorithm: states (k^T v), inter (q h), scores (q k^T), A v."""
+    return 2.0 * B * T * H * (2 * K * V + BT * K + BT * V)
+
+
+def fla_fns():
+    try:
+        from fla.ops.gla import chunk_gla as fla_gla
+        from fla.ops.simple_gla import chunk_simple_gla as fla_simple
+    except Exception as e:  # noqa: BLE001
+        return None, None, f"{type(e).__name__}: {e}"
+    return fla_gla, fla_simple, None
+
+
+def measure(fwd, inputs):
+    """(ms fwd, ms fwd+bwd, peak GiB of one fwd+bwd)."""
+    def step():
+        out = fwd(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(do)
+
+    o = fwd(*inputs)
+    o = o[0] if isinstance(o, tuple) else o
+    do = torch.randn_like(o)
+    with torch.no_grad():
+        ms_f = do_bench(lambda: fwd(*inputs), warmup=25, rep=100)
+    ms_fb = do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return ms_f, ms_fb, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    header()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU; nothing measured")
+        return
+    fla_gla, fla_simple, fla_err = fla_fns()
+    rows = []
+    dt = torch.bfloat16
+    for B, T, H, D in SHAPES:
+        torch.manual_seed(42)
+        dev = "cuda"
+        q, k, v = (torch.randn(B, T, H, D, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+        gv = F.logsigmoid(torch.randn(B, T, H, D, device=dev)).div(16).requires_grad_()
+        gs = F.logsigmoid(torch.randn(B, T, H, device=dev)).requires_grad_()
+        cands = [
+            ("ours chunk_gla vector", lambda q, k, v, g: chunk_gla(q, k, v, g), (q, k, v, gv), "fla gla"),
+            ("ours chunk_gla scalar", lambda q, k, v, g: chunk_gla(q, k, v, g), (q, k, v, gs), "fla simple_gla"),
+        ]
+        if fla_gla is not None:
+            cands += [
+                ("fla gla", lambda q, k, v, g: fla_gla(q, k, v, g), (q, k, v, gv), None),
+                ("fla simple_gla", lambda q, k, v, g: fla_simple(q, k, v, g), (q, k, v, gs), None),
+            ]
+        # SDPA at equal hidden size H*D with head dim 128, causal, [B, heads, T, 128]
+        hs = H * D // 128
+        qa, ka, va = (torch.randn(B, hs, T, 128, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+        cands.append(("torch sdpa causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                      (qa, ka, va), None))
+        results = {}
+        for name, fn, inputs, ref in cands:
+            row = {"shape": f"B{B}xT{T} H{H}xD{D}", "kernel": name}
+            try:
+                ms_f, ms_fb, gib = measure(fn, inputs)
+                if name.startswith("torch sdpa"):
+                    flops = 4.0 * B * hs * T * T * 128 / 2
+                else:
+                    flops = gla_flops(B, T, H, D, D)
+                row.update(ms_fwd=ms_f, ms_fwd_bwd=ms_fb, tokens_per_s=B * T / (ms_fb * 1e-3),
+                           tflops=3 * flops / (ms_fb * 1e-3) / 1e12, peak_gib=gib)
+                results[name] = ms_fb
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                traceback.print_exc()
+            row["ref"] = ref
+            rows.append(row)
+            print(f"measured {row['shape']} {name}: {row.get('ms_fwd_bwd', row.get('error'))}", flush=True)
+        for row in rows[-len(cands):]:
+            ref = row.pop("ref")
+            if ref in results and "ms_fwd_bwd" in row:
+                row[f"x vs {ref}"] = results[ref] / row["ms_fwd_bwd"]
+        del q, k, v, gv, gs, qa, ka, va
+        torch.cuda.empty_cache()
+    if fla_err:
+        print(f"fla 0.6.0: n/a ({fla_err})")
+    print(f"\n{'shape':<18} {'kernel':<24} {'ms fwd':>8} {'ms f+b':>8} {'Mtok/s':>8} {'TFLOP/s':>8} {'peak GiB':>8}"
+          f"  speedup vs fla (f+b)")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<18} {r['kernel']:<24} error: {r['error']}")
+            continue
+        sp = next((f"{v:.2f}x ({k[5:]})" for k, v in r.items() if k.startswith("x vs")), "")
+        print(f"{r['shape']:<18} {r['kernel']:<24} {r['ms_fwd']:8.2f} {r['ms_fwd_bwd']:8.2f} "
+              f"{r['tokens_per_s'] / 1e6:8.2f} {r['tflops']:8.1f} {r['peak_gib']:8.2f}  {sp}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_gla.json"), "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

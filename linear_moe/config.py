@@ -5,8 +5,11 @@ Every YAML key maps 1:1 to a dataclass field. Unknown keys, wrong types and impo
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,6 +281,9 @@ class Config:
         if any(f == "moe" for _, f in layers):
             if m.moe.topk > m.moe.num_experts:
                 raise ConfigError(f"model.moe.topk={m.moe.topk} must be <= model.moe.num_experts={m.moe.num_experts}")
+            if p.tensor > 1 and not p.sequence_parallel:
+                raise ConfigError("MoE layers ('E' in model.layer_pattern) with parallel.tensor > 1 need "
+                                  "parallel.sequence_parallel=true (Megatron's MoE requires it)")
             if m.moe.num_experts % p.expert:
                 raise ConfigError(
                     f"model.moe.num_experts={m.moe.num_experts} must be divisible by parallel.expert={p.expert}")
@@ -321,9 +327,10 @@ class Config:
                 raise ConfigError(
                     f"model.vocab_size={m.vocab_size} must be >= 1 + data.mqar.num_keys + data.mqar.num_values = "
                     f"{1 + q.num_keys + q.num_values}")
-            if q.num_kv_pairs > q.num_keys:
+            if q.num_kv_pairs > min(q.num_keys, q.num_values):
                 raise ConfigError(
-                    f"data.mqar.num_kv_pairs={q.num_kv_pairs} must be <= data.mqar.num_keys={q.num_keys}")
+                    f"data.mqar.num_kv_pairs={q.num_kv_pairs} must be <= data.mqar.num_keys={q.num_keys} and "
+                    f"data.mqar.num_values={q.num_values} (keys and values of a sample are distinct)")
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.seq_length <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.seq_length must be positive")
 
@@ -446,9 +453,16 @@ def _parse_value(raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+    if isinstance(value, str):
+        # YAML 1.1 reads 3e-3 (no dot) as text; on the command line it is meant as a number
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -471,5 +485,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def known_mixers() -> list[str]:
-    return list(registered())
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (and its dataclass bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) else ""
+                docs[node.target.id] = " ".join(str(doc).split())
+    return docs
+
+
+def config_reference() -> str:
+    """The config reference as Markdown tables: every section of the tree, then each registered mixer's settings."""
+    out = []
+
+    def table(title: str, cls: type, path: str) -> None:
+        docs = field_docs(cls)
+        rows, nested = [], []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                nested.append((f.name, f.default_factory))
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+            shown = "{}" if isinstance(default, dict) and not default else yaml.safe_dump(default).strip()
+            shown = shown.removesuffix("\n...").strip()
+            rows.append(f"| `{path}{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+        out.extend([f"#### {title}", "", "| key | default | meaning |", "|---|---|---|", *rows, ""])
+        for name, sub in nested:
+            table(f"`{path}{name}`", sub, f"{path}{name}.")
+
+    for f in dataclasses.fields(Config):
+        table(f"`{f.name}`", f.default_factory, f"{f.name}.")
+    for name, cls in registered().items():
+        table(f"`model.mixers.{name}` (symbol `{cls.mixer_symbol}`)", cls.Config, f"model.mixers.{name}.")
+    return "\n".join(out)

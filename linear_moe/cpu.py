@@ -229,6 +229,9 @@ def enable_cpu_mode() -> bool:
     _patch_rng_tracker(importlib.import_module("megatron.core.tensor_parallel.random"))
     _patch_torch_norm()
     _patch_tied_embedding_setup()
+    # Decays multiply into fp32 subnormals deep inside a chunk; on x86 CPUs each subnormal operation is ~100x slower,
+    # which stalls training steps for seconds. GPUs flush them already.
+    torch.set_flush_denormal(True)
     _ENABLED = True
     log.debug("CPU mode: redirected CUDA calls in %d Megatron modules", len(_MODULES))
     return True

@@ -40,7 +40,6 @@ class TrainResult:
     """Eval metrics per evaluated step."""
 
 
-# --------------------------------------------------------------------------------------------------- initialization
 
 def initialize(cfg: Config) -> bool:
     """torch.distributed from the torchrun environment (or a one-process group), Megatron's parallel groups, seeds.
@@ -89,7 +88,6 @@ def shutdown(created_group: bool) -> None:
         dist.destroy_process_group()
 
 
-# --------------------------------------------------------------------------------------------------------- building
 
 def build_chunks(cfg: Config, tc) -> list[DistributedDataParallel]:
     """One GPTModel per (virtual) pipeline stage of this rank, each wrapped in Megatron DDP."""
@@ -152,7 +150,6 @@ def _data_iterators(cfg: Config, n_chunks: int, consumed_samples: int):
     return (train if n_chunks > 1 else train[0]), (valid if n_chunks > 1 else valid[0])
 
 
-# ------------------------------------------------------------------------------------------------ forward and loss
 
 def _next_batch(data_iterator) -> dict:
     batch = next(data_iterator)
@@ -210,7 +207,6 @@ def eval_forward_step(cfg: Config, data_iterator, model):
     return out, partial(_eval_loss, cfg, batch)
 
 
-# ------------------------------------------------------------------------------------------------------- reductions
 
 def _reporting_rank() -> bool:
     """One rank per data-parallel replica reports loss stats: last pipeline stage, TP rank 0, CP rank 0."""
@@ -282,7 +278,6 @@ def _telemetry() -> dict[str, float]:
     return {f"{name}/layer_{layer}": s / n for (name, layer), (s, n) in sorted(total.items())}
 
 
-# ------------------------------------------------------------------------------------------------------------- loop
 
 def _evaluate(cfg: Config, model, valid_iter, fb, tc) -> dict[str, float]:
     for m in model:

@@ -197,7 +197,7 @@ def test_bad_inputs(fn):
         chunk_delta_rule(q, k, v, beta, g, backend="triton", chunk_size=48)
 
 
-# ---- GPU: bf16 at full shapes against the fp32 reference, block sizes varied (Hopper miscompile guard) ----
+# GPU: bf16 at full shapes against the fp32 reference, block sizes varied (Hopper miscompile guard)
 
 # bf16 inputs and bf16 intermediates (w, u, h, v_new, dv stored in bf16): stated bounds per quantity
 GPU_TOL = {"o": 1.5e-2, "ht": 1.5e-2, "dq": 2e-2, "dk": 3e-2, "dv": 2e-2, "dbeta": 3e-2, "dg": 4e-2, "dh0": 2e-2}

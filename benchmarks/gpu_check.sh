@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, run every GPU test, run the benchmarks, print a short table last.
+# Usage (device machine, repo root): bash benchmarks/gpu_check.sh [tests|bench|all] [bench names...]
+# A device call is limited to 10 minutes: run `tests` and `bench` as two calls (fla's first calls autotune for
+# minutes), or name the benchmarks to run, e.g. `bench bench_mom`. Details land in $OUT.
+set -uo pipefail
+WHAT=${1:-all}
+shift || true
+BENCHES=${*:-bench_delta_rule bench_gla bench_mom bench_decode}
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+SITE=/tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=$SITE
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . \
+  || { echo "package install failed"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# Run from a scratch dir so the installed package (with the mapped linear_moe.mixers / .kernels) is the one imported.
+REPO=$PWD
+cd /tmp
+rc_tests=skipped
+if [[ $WHAT == all || $WHAT == tests ]]; then
+  timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests" --rootdir "$REPO" 2>&1 | tee "$OUT/gpu_tests.log"
+  rc_tests=${PIPESTATUS[0]}
+fi
+if [[ $WHAT == all || $WHAT == bench ]]; then
+  # fla's first calls autotune for minutes: give each benchmark a generous limit
+  for b in $BENCHES; do
+    [[ -f $REPO/benchmarks/$b.py ]] && timeout 420 python3 "$REPO/benchmarks/$b.py" 2>&1 | tee "$OUT/$b.log"
+  done
+fi
+echo
+echo "== summary"
+cat "$OUT/gpu.txt"
+echo "gpu tests rc=$rc_tests: $(tail -n 1 "$OUT/gpu_tests.log" 2>/dev/null)"
+for b in $BENCHES; do
+  [[ -f $OUT/$b.log ]] && { echo "-- $b"; tail -n 20 "$OUT/$b.log"; }
+done

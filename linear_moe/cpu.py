@@ -57,6 +57,8 @@ _MODULES = {
     # GlobalMemoryBuffer (attention's matmul buffer) allocates on current_device()
     "megatron.core.utils": "GlobalMemoryBuffer on current_device()",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq on current_device()",
+    # the static inference KV cache is allocated on current_device()
+    "megatron.core.transformer.attention": "inference KV cache on current_device()",
 }
 
 
@@ -211,6 +213,45 @@ def _patch_tied_embedding_setup() -> None:
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+def _patch_rope_cp_index() -> None:
+    """Under CP, `get_pos_emb_on_this_cp_rank` builds its chunk index with `pin_memory=True` and `.cuda()`; the rotary
+    embedding modules that import it get the same function with the index on the embedding's device."""
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    original = rope_utils.get_pos_emb_on_this_cp_rank
+    if getattr(original, "_linear_moe_cpu", False):
+        return
+
+    def get_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+        pos_emb = pos_emb.index_select(seq_dim, idx)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+    get_pos_emb_on_this_cp_rank._linear_moe_cpu = True
+    for mod in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        mod.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
+def _patch_alltoall_splits() -> None:
+    """The all-to-all MoE dispatcher turns its split sizes into numpy arrays with `maybe_move_tensor_to_cpu`, which
+    converts only CUDA tensors; on CPU they stay tensors, which `all_to_all_single` rejects. Convert them here too."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_linear_moe_cpu", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._linear_moe_cpu = True
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def is_cpu_mode() -> bool:
     return _ENABLED
 
@@ -229,6 +270,8 @@ def enable_cpu_mode() -> bool:
     _patch_rng_tracker(importlib.import_module("megatron.core.tensor_parallel.random"))
     _patch_torch_norm()
     _patch_tied_embedding_setup()
+    _patch_rope_cp_index()
+    _patch_alltoall_splits()
     # Decays multiply into fp32 subnormals deep inside a chunk; on x86 CPUs each subnormal operation is ~100x slower,
     # which stalls training steps for seconds. GPUs flush them already.
     torch.set_flush_denormal(True)

@@ -40,6 +40,11 @@ def transformer_config(cfg: Config, *, cpu: bool | None = None) -> TransformerCo
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        # The interleaved schedule sends activations forward and gradients backward in one exchange; batched into one
+        # batch_isend_irecv, with two pipeline ranks both messages go to the same peer on the same communicator and
+        # are matched in posting order, which swaps them (same shapes, no error). Megatron's unbatched path sends the
+        # two directions on different communicators and orders them by rank parity (Megatron-LM's VPP setting too).
+        batch_p2p_comm=p.virtual_pipeline is None,
         context_parallel_size=p.context,
         expert_model_parallel_size=p.expert,
         sequence_parallel=p.sequence_parallel,

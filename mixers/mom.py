@@ -22,6 +22,7 @@ with Megatron's MoEAuxLossAutoScaler and logged through its aux-loss tracker.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +35,9 @@ from megatron.core.parallel_state import get_data_parallel_group
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
 from torch import nn
 
+from linear_moe.modules import inference
 from linear_moe.modules import mom_routing as routing
+from linear_moe.modules.context_parallel import cp_halo, cp_local_cu_seqlens, cp_scan, cp_token_piece
 from linear_moe.modules.linear_mixer import LinearMixer, mamba_dt_bias, packed_cu_seqlens
 from linear_moe.registry import MixerConfig, register_mixer
 
@@ -106,6 +109,11 @@ class MixtureOfMemories(LinearMixer):
         self.num_memories, self.topk, self.shared = mc.num_memories, mc.topk, mc.shared_memory
         self.total_memories = mc.num_memories + int(mc.shared_memory)
         super().__init__(config, submodules, layer_number, mixer_config=mc, pg_collection=pg_collection, **kw)
+        if self.cp_group is not None and mc.capacity_factor is not None:
+            raise ValueError(f"mixers.mom.capacity_factor={mc.capacity_factor} is not supported with context "
+                             f"parallelism (parallel.context={dist.get_world_size(self.cp_group)}): a token's place in "
+                             "a memory's capacity depends on tokens other CP ranks hold; set mixers.mom.capacity_factor"
+                             "=null or parallel.context=1")
         self.A_log = self.head_param(lambda h: torch.empty(h).uniform_(1.0, 16.0).log())
         self.dt_bias = self.head_param(mamba_dt_bias)
         self.router = nn.Linear(config.hidden_size, mc.num_memories, bias=False, dtype=config.params_dtype,
@@ -148,14 +156,30 @@ class MixtureOfMemories(LinearMixer):
         q, gate, mem = x.split([K, gw, self.total_memories * dm], dim=-1)
         return q, (gate if gw else None), mem.view(T * B, H, self.total_memories, dm), T, B
 
-    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None) -> tuple[Tensor, ...]:
+    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None,
+                      conv_state: Tensor | None = None, fresh: bool = True) -> tuple[Tensor, ...]:
         """Packed slots -> kernel inputs: q `[S, H, K]` and memory rows `[S, H, D_mem]` of segments `cu_seqlens`
-        (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay, beta or None."""
+        (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay, beta or None.
+
+        Decoding passes `conv_state` `[segments, C, W-1]`, continued from (zeros when `fresh`) and overwritten; with
+        `cu_seqlens` None each slot is then its own segment of one token (a decoding step)."""
         K, V = self.head_k_dim, self.head_v_dim
         S, H = q.shape[:2]
         qkv = torch.cat([q, mem[..., :K + V]], dim=-1).reshape(1, S, H * (2 * K + V))
-        if self.conv is not None:
-            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens)
+        if self.conv is not None and conv_state is not None:
+            if cu_seqlens is None:
+                y, new = self.conv.step(qkv[0], conv_state)
+                qkv = y[None]
+            else:
+                qkv, new = self.conv(qkv, cu_seqlens=cu_seqlens, initial_state=None if fresh else conv_state,
+                                     output_final_state=True)
+            conv_state.copy_(new)
+        elif self.conv is not None:
+            halo = None
+            if self.cp_group is not None and cu_seqlens is not None:
+                # each local segment's conv continues its (sequence, memory) segment from earlier CP pieces
+                halo = cp_halo(qkv, self.cp_group, width=self.conv.kernel_size - 1, local_cu_seqlens=cu_seqlens)
+            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens, initial_state=halo)
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
@@ -170,6 +194,11 @@ class MixtureOfMemories(LinearMixer):
         check_inputs=False: cu_seqlens is built on the device and correct by construction; checking it is a host sync.
         """
         extras = {"beta": beta} if beta is not None else {}
+        if self.cp_group is not None:
+            # cu_seqlens are piece-major (see `sequences`): the split scan's `local_cu_seqlens`
+            fn = functools.partial(self.kernel("chunk"), scale=self.scale, backend=self.backend, check_inputs=False)
+            return cp_scan(fn, q, k, v, cp_group=self.cp_group, layout="megatron", local_cu_seqlens=cu_seqlens, g=g,
+                           **extras)[0]
         o, _ = self.kernel("chunk")(q, k, v, g=g, **extras, scale=self.scale, cu_seqlens=cu_seqlens,
                                     backend=self.backend, check_inputs=False)
         return o
@@ -179,16 +208,30 @@ class MixtureOfMemories(LinearMixer):
         return self.o_proj(self.o_norm(o, gate).reshape(T, B, -1))
 
     def sequences(self, T: int, B: int, packed_seq_params: PackedSeqParams | None, device: torch.device
-                  ) -> tuple[Tensor, int, Tensor]:
+                  ) -> tuple[Tensor, int, Tensor | None]:
         """(sequence id `[N]` of each token in [s, b] order, number of sequences, their lengths); packed THD
-        batches count documents as sequences."""
+        batches count documents as sequences.
+
+        Under context parallelism a sequence's local tokens lie in two pieces j (Megatron's zigzag split, per
+        document for THD); the ids are then j * n + sequence over 2n "sequences" (lengths None), so the dispatch's
+        segments come piece-major, (piece, sequence, memory): exactly `cp_scan`'s `local_cu_seqlens`.
+        """
         cu = packed_cu_seqlens(packed_seq_params)
         if cu is None:
-            return torch.arange(T * B, device=device) % B, B, torch.full((B,), T, device=device)
+            seq = torch.arange(T * B, device=device) % B
+            if self.cp_group is None:
+                return seq, B, torch.full((B,), T, device=device)
+            j = cp_token_piece(T, "megatron", device).repeat_interleave(B)
+            return j * B + seq, 2 * B, None
         if B != 1:
             raise ValueError(f"packed (THD) input must have batch 1, got hidden_states with b={B}")
         cu = cu.to(device=device, dtype=torch.long)
         n = cu.numel() - 1
+        if self.cp_group is not None:
+            # local segments of the global (padded) offsets, document-major: segment 2 * document + piece
+            local = cp_local_cu_seqlens(cu, T, self.cp_group, "thd")
+            seg = torch.searchsorted(local[1:], torch.arange(T, device=device), right=True).clamp(max=2 * n - 1)
+            return (seg % 2) * n + seg // 2, 2 * n, None
         seq = torch.searchsorted(cu[1:], torch.arange(T, device=device), right=True).clamp(max=n - 1)
         return seq, n, cu[1:] - cu[:-1]
 
@@ -196,7 +239,9 @@ class MixtureOfMemories(LinearMixer):
                 packed_seq_params: PackedSeqParams | None = None, **_) -> tuple[Tensor, Tensor | None]:
         """hidden_states `[s, b, h]` (s local under SP) -> (out `[s, b, h]`, None); documents of a THD batch never mix."""
         if inference_context is not None:
-            raise NotImplementedError("mixer 'mom' has no cached decoding yet")
+            if packed_cu_seqlens(packed_seq_params) is not None:
+                raise ValueError("mixer 'mom': decoding takes [s, b] batches, not packed (THD) input")
+            return self.decode(hidden_states, inference_context)
         mc, M = self.mixer_config, self.num_memories
         logits_local = self.router_logits(hidden_states)
         if self.config.sequence_parallel:
@@ -228,12 +273,94 @@ class MixtureOfMemories(LinearMixer):
             self._telemetry(probs, d)
         return out, bias
 
+    def state_specs(self, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sequence decoding state of every memory (shared last): conv `[M_tot, C, W-1]`, recurrent
+        `[M_tot, H, K, V]` fp32."""
+        H, K, V = self.local_heads, self.head_k_dim, self.head_v_dim
+        W1 = self.conv.kernel_size - 1 if self.conv is not None else 0
+        return [((self.total_memories, H * (2 * K + V), W1), dtype), ((self.total_memories, H, K, V), torch.float32)]
+
+    def decode(self, hidden_states: Tensor, inference_context) -> tuple[Tensor, Tensor | None]:
+        """Cached forward of `[s, b, h]` tokens (modules/inference.py: state layout, pad mask).
+
+        Several tokens (a prefill, or a continuation) run the training dispatch with each (sequence, memory)
+        segment's conv and recurrent state as initial state, and store the final ones. One token after a prefill
+        gathers the states of its top-k memories and the shared one, takes one fused recurrent step over those
+        b * k' rows and scatters them back: other memories' states are not touched. No host sync, no Python loop.
+        The capacity limit (a training option) is not applied when decoding.
+        """
+        if self.cp_group is not None or self.config.sequence_parallel:
+            raise NotImplementedError("mixer 'mom': decoding supports neither context nor sequence parallelism")
+        M, Mt = self.num_memories, self.total_memories
+        H, K, V = self.local_heads, self.head_k_dim, self.head_v_dim
+        T, B, _ = hidden_states.shape
+        pad = inference.pad_mask(inference_context, B, T)
+        if pad is not None:
+            # zero input at pads: their conv inputs and projections vanish (see inference.mask_pads for the gates)
+            hidden_states = hidden_states.masked_fill(pad.t()[:, :, None], 0)
+        (conv_state, state), fresh = inference.layer_state(
+            inference_context, self.layer_number, B, self.state_specs(hidden_states.dtype), hidden_states.device)
+        conv_rows, state_rows = conv_state.reshape(B * Mt, *conv_state.shape[2:]), state.reshape(B * Mt, H, K, V)
+        logits = self.router_logits(hidden_states)
+        q, gate, mem, T, B = self.project_tokens(hidden_states)
+        N = T * B
+        _, weights, memories = routing.route(logits.reshape(N, M), self.topk)
+        if self.shared:
+            weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
+        if T == 1 and not fresh:
+            # rows b * M_tot + memory of the routed memories and the shared one; distinct per token
+            mems = torch.cat([memories, memories.new_full((B, 1), M)], 1) if self.shared else memories
+            kp = mems.shape[1]
+            tok = torch.arange(B, device=q.device).repeat_interleave(kp)
+            rows = tok * Mt + mems.reshape(-1)
+            cs = conv_rows.index_select(0, rows)
+            qk, kk, vk, g, beta = self.memory_inputs(q.index_select(0, tok), mem[tok, :, mems.reshape(-1)], None,
+                                                     conv_state=cs if self.conv is not None else None, fresh=False)
+            if self.conv is not None:
+                conv_rows.index_copy_(0, rows, cs)
+            extras = {"g": g, "beta": beta} if beta is not None else {"g": g}
+            if pad is not None:
+                kk, extras = inference.mask_pads(pad.reshape(1, B)[:, tok], kk, extras)
+            # one step of each of the b * k' rows: [b * k', 1, H, D]
+            extras = {n: x.transpose(0, 1) for n, x in extras.items()}
+            o, new = self.kernel("fused_recurrent")(
+                qk.transpose(0, 1), kk.transpose(0, 1), vk.transpose(0, 1), **extras,
+                scale=self.scale, initial_state=state_rows.index_select(0, rows), output_final_state=True,
+                backend=self.backend, check_inputs=False)
+            state_rows.index_copy_(0, rows, new)
+            o = torch.bmm(weights.to(o.dtype).unsqueeze(1), o.reshape(B, kp, H * V)).view(B, H, V)
+        else:
+            seq_id = torch.arange(N, device=q.device) % B
+            d = routing.build_dispatch(memories, seq_id, B, M, self.shared)
+            qk, kk, vk, g, beta = self.memory_inputs(routing.gather_tokens(q, d), routing.gather_token_memory(mem, d),
+                                                     d.cu_seqlens, conv_state=conv_rows if self.conv is not None
+                                                     else None, fresh=fresh)
+            extras = {"beta": beta} if beta is not None else {}
+            if pad is not None:
+                kk, extras = inference.mask_pads(pad.t().reshape(1, N)[:, d.src_tok], kk, {"g": g, **extras})
+                g = extras.pop("g")
+            # segments are (sequence, memory) in order: row b * M_tot + m of the states
+            o, new = self.kernel("chunk")(
+                qk, kk, vk, g=g, **extras, scale=self.scale, cu_seqlens=d.cu_seqlens,
+                initial_state=None if fresh else state_rows, output_final_state=True, backend=self.backend,
+                check_inputs=False)
+            state_rows.copy_(new)
+            o = routing.combine(o[0], weights, d)
+        return self.finish_tokens(o, gate, T, B)
+
     def _attach_router_losses(self, out: Tensor, logits_local: Tensor, load: Tensor, num_tokens: int) -> Tensor:
         """Balance (and z-) losses from the rank-local logits, so their gradient is counted once across TP ranks."""
         mc, M = self.mixer_config, self.num_memories
         logits_local = logits_local.reshape(-1, M)
         sp = self.config.sequence_parallel
         num_layers = self.config.num_layers
+        cp, track = self.cp_group, {}
+        if cp is not None:
+            # The micro-batch's sequences are spread over the CP ranks: loads are summed over them and each rank's
+            # loss is its tokens' share, so the shares sum to the full-sequence loss (Megatron's MoE router does the
+            # same; the schedule scales the aux-loss gradient by the CP size, DDP then averages over CP).
+            num_tokens = num_tokens * dist.get_world_size(cp)
+            track = {"reduce_group": cp}
         if mc.aux_loss_coeff > 0:
             probs_sum = logits_local.softmax(-1).sum(0)
             if sp:
@@ -243,10 +370,14 @@ class MixtureOfMemories(LinearMixer):
                 if dist.get_world_size(group) > 1:
                     load = load.clone()
                     dist.all_reduce(load, group=group)
+            elif cp is not None:
+                load = load.clone()
+                dist.all_reduce(load, group=cp)
             balance = routing.load_balancing_loss(probs_sum, num_tokens, load)
             out = MoEAuxLossAutoScaler.apply(out, mc.aux_loss_coeff * balance)
             if self.layer_number is not None:
-                save_to_aux_losses_tracker("mom_load_balancing_loss", balance.detach(), self.layer_number, num_layers)
+                save_to_aux_losses_tracker("mom_load_balancing_loss", balance.detach(), self.layer_number, num_layers,
+                                           **track)
         if mc.z_loss_coeff > 0:
             z = logits_local.logsumexp(-1).pow(2).sum()
             if sp:
@@ -254,7 +385,7 @@ class MixtureOfMemories(LinearMixer):
             z = z / num_tokens
             out = MoEAuxLossAutoScaler.apply(out, mc.z_loss_coeff * z)
             if self.layer_number is not None:
-                save_to_aux_losses_tracker("mom_z_loss", z.detach(), self.layer_number, num_layers)
+                save_to_aux_losses_tracker("mom_z_loss", z.detach(), self.layer_number, num_layers, **track)
         return out
 
     @torch.no_grad()

@@ -29,6 +29,12 @@ def hybrid_pattern(moe: bool = True) -> str:
     return f"{m}- *E {m}- *E" if moe else f"{m}- *- {m}- *-"
 
 
+def linear_pattern() -> str:
+    """MoM, GLA and gated DeltaNet with dense and MoE FFNs and no softmax attention: Megatron's local attention has no
+    context parallelism (with Transformer Engine on a GPU attention uses Megatron's own CP)."""
+    return "X- GE X- DE"
+
+
 def demo_config_path() -> Path:
     return Path(__file__).resolve().parents[1] / "configs" / DEMO_CONFIG
 

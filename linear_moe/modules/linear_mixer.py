@@ -15,6 +15,7 @@ sequence parallelism lives here, once:
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch import nn
 
+from linear_moe.modules import inference
+from linear_moe.modules.context_parallel import cp_halo, cp_local_cu_seqlens, cp_pieces, cp_scan, cp_unpieces
 from linear_moe.modules.gated_norm import GatedRMSNorm
 from linear_moe.modules.short_conv import ShortConvolution
 from linear_moe.registry import MixerConfig
@@ -97,8 +100,10 @@ class LinearMixer(MegatronModule):
         self.tp_group = pg_collection.tp
         self.tp_size, self.tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         name = type(self).mixer_name
-        if getattr(pg_collection, "cp", None) is not None and get_pg_size(pg_collection.cp) > 1:
-            raise ValueError(f"mixer {name!r} does not support context parallelism; set parallel.context=1")
+        cp = getattr(pg_collection, "cp", None)
+        # Under context parallelism the short conv takes its halo, and the recurrence its initial state, from the
+        # CP ranks that hold the earlier pieces of the sequence (modules/context_parallel.py).
+        self.cp_group = cp if cp is not None and get_pg_size(cp) > 1 else None
         mc = mixer_config
         mc.resolve(config.hidden_size, config.num_attention_heads)
         if mc.num_heads % self.tp_size:
@@ -182,8 +187,12 @@ class LinearMixer(MegatronModule):
         mod = importlib.import_module(f"linear_moe.kernels.{self.op}")
         return getattr(mod, f"{kind}_{self.op}")
 
-    def project(self, hidden_states: Tensor, cu_seqlens: Tensor | None) -> dict[str, Tensor]:
-        """in_proj (+ short conv on the leading conv_width channels) -> named parts `[B, T, U_local, width]`."""
+    def project(self, hidden_states: Tensor, cu_seqlens: Tensor | None, conv_state: Tensor | None = None,
+                fresh: bool = True) -> dict[str, Tensor]:
+        """in_proj (+ short conv on the leading conv_width channels) -> named parts `[B, T, U_local, width]`.
+
+        Decoding passes `conv_state` `[B, C_local, W-1]`: the conv continues from it (zeros when `fresh`) and it is
+        updated in place."""
         x, _ = self.in_proj(hidden_states)  # [T, B, U_local * unit_width] (sequence gathered under SP)
         T, B, _ = x.shape
         x = x.transpose(0, 1).reshape(B, T, self.local_units, self.unit_width)
@@ -191,20 +200,56 @@ class LinearMixer(MegatronModule):
             return dict(zip(self.section_names, x.split(self.section_widths, dim=-1)))
         cw, n = self.conv_width(), self.conv_sections
         xc, xr = x.split([cw, self.unit_width - cw], dim=-1)
-        y, _ = self.conv(xc.reshape(B, T, -1), cu_seqlens=cu_seqlens)
+        if conv_state is not None:
+            y = self.conv_cached(xc.reshape(B, T, -1), conv_state, fresh)
+        elif self.cp_group is None:
+            y, _ = self.conv(xc.reshape(B, T, -1), cu_seqlens=cu_seqlens)
+        else:
+            y = self.cp_conv(xc.reshape(B, T, -1), cu_seqlens)
         y = y.view(B, T, self.local_units, cw)
         pieces = y.split(self.section_widths[:n], dim=-1) + xr.split(self.section_widths[n:], dim=-1)
         return dict(zip(self.section_names, pieces))
+
+    def conv_cached(self, x: Tensor, conv_state: Tensor, fresh: bool) -> Tensor:
+        """The short conv of `x` `[N, T, C]` continuing from `conv_state` `[N, C, W-1]` (zeros when `fresh`), which is
+        overwritten with the new state; one token after a prefill is a `ShortConvolution.step`."""
+        if x.shape[1] == 1 and not fresh:
+            y, new = self.conv.step(x[:, 0], conv_state)
+            y = y[:, None]
+        else:
+            y, new = self.conv(x, initial_state=None if fresh else conv_state, output_final_state=True)
+        conv_state.copy_(new)
+        return y
+
+    def cp_conv(self, x: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+        """The short conv of this CP rank's tokens `[B, T_local, C]`, with the inputs before each local piece (or
+        packed document piece) from the ranks that hold them; `cu_seqlens` are the global (padded) THD offsets."""
+        lay = "megatron" if cu_seqlens is None else "thd"
+        halo = cp_halo(x, self.cp_group, width=self.conv.kernel_size - 1, layout=lay, cu_seqlens=cu_seqlens)
+        if cu_seqlens is None:
+            return cp_unpieces(self.conv(cp_pieces(x, lay), initial_state=halo)[0], x.shape[0], lay)
+        local_cu = cp_local_cu_seqlens(cu_seqlens, x.shape[1], self.cp_group, lay)
+        return self.conv(x, cu_seqlens=local_cu, initial_state=halo)[0]
 
     def prepare(self, parts: dict[str, Tensor], hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
         """Kernel inputs from the parts; default: q, k, v as projected, no gates."""
         return parts["q"], parts["k"], parts["v"], {}
 
     def recurrence(self, q: Tensor, k: Tensor, v: Tensor, extras: dict[str, Any], initial_state: Tensor | None = None,
-                   output_final_state: bool = False, cu_seqlens: Tensor | None = None
+                   output_final_state: bool = False, cu_seqlens: Tensor | None = None, kind: str = "chunk"
                    ) -> tuple[Tensor, Tensor | None]:
-        """The recurrence over `[B, T, H_local, D]` inputs; the one kernel call (decoding overrides the kind)."""
-        return self.kernel("chunk")(
+        """The recurrence over `[B, T, H_local, D]` inputs; the one kernel call (decoding steps pass
+        kind='fused_recurrent').
+
+        Under CP the inputs are this rank's pieces (Megatron's zigzag split, per document for THD) and `cu_seqlens`
+        the global offsets; the split scan equals the unsplit one.
+        """
+        if self.cp_group is not None:
+            fn = functools.partial(self.kernel("chunk"), scale=self.scale, backend=self.backend, check_inputs=False)
+            return cp_scan(fn, q, k, v, cp_group=self.cp_group, layout="megatron" if cu_seqlens is None else "thd",
+                           cu_seqlens=cu_seqlens, initial_state=initial_state,
+                           output_final_state=output_final_state, **extras)
+        return self.kernel(kind)(
             q, k, v, **extras, scale=self.scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, backend=self.backend)
 
@@ -225,11 +270,43 @@ class LinearMixer(MegatronModule):
         With a THD `packed_seq_params` (b == 1) neither the conv nor the recurrence crosses a document border.
         """
         if inference_context is not None:
-            raise NotImplementedError(f"mixer {type(self).mixer_name!r} has no cached decoding yet")
+            if packed_seq_params is not None:
+                raise ValueError(f"mixer {type(self).mixer_name!r}: decoding takes [s, b] batches, not packed (THD) "
+                                 "input")
+            return self.decode(hidden_states, inference_context)
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         parts = self.project(hidden_states, cu_seqlens)
         q, k, v, extras = self.prepare(parts, hidden_states)
         o, _ = self.recurrence(q.contiguous(), k.contiguous(), v.contiguous(), extras, cu_seqlens=cu_seqlens)
+        return self.output(self.finish(o, parts), parts)
+
+    def state_specs(self, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """Per-sequence decoding state: conv `[C_local, W-1]` (W-1 = 0 without conv), recurrent `[H_local, K, V]`."""
+        C = self.local_units * self.conv_width()
+        W1 = self.conv.kernel_size - 1 if self.conv is not None else 0
+        return [((C, W1), dtype), ((self.local_heads, self.head_k_dim, self.head_v_dim), torch.float32)]
+
+    def decode(self, hidden_states: Tensor, inference_context) -> tuple[Tensor, Tensor | None]:
+        """Cached forward of `[s, b, h]` tokens: prefill at sequence offset 0, else continue from the stored state
+        (modules/inference.py describes the state and the pad mask)."""
+        if self.cp_group is not None or self.config.sequence_parallel:
+            raise NotImplementedError(f"mixer {type(self).mixer_name!r}: decoding supports neither context nor "
+                                      "sequence parallelism")
+        T, B, _ = hidden_states.shape
+        pad = inference.pad_mask(inference_context, B, T)
+        if pad is not None:
+            # zero input at pads: the conv then sees zeros there, as before a sequence start
+            hidden_states = hidden_states.masked_fill(pad.t()[:, :, None], 0)
+        (conv_state, state), fresh = inference.layer_state(
+            inference_context, self.layer_number, B, self.state_specs(hidden_states.dtype), hidden_states.device)
+        parts = self.project(hidden_states, None, conv_state if self.conv is not None else None, fresh)
+        q, k, v, extras = self.prepare(parts, hidden_states)
+        if pad is not None:
+            k, extras = inference.mask_pads(pad, k, extras)
+        o, new = self.recurrence(q.contiguous(), k.contiguous(), v.contiguous(), extras,
+                                 initial_state=None if fresh else state, output_final_state=True,
+                                 kind="fused_recurrent" if T == 1 and not fresh else "chunk")
+        state.copy_(new)
         return self.output(self.finish(o, parts), parts)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -127,3 +127,15 @@ def load(root: str | Path, *, model, optimizer, scheduler) -> dict:
         _tracker().set_states(rng["tracker"])
     return {"step": int(state["step"]), "consumed_samples": int(state["consumed_samples"]),
             "rng_restored": same_layout}
+
+
+def saved_config(path: str | Path) -> dict:
+    """The config tree (as a dict) saved with the checkpoint directory `path` (an `iter_*` directory)."""
+    return dist_checkpointing.load_common_state_dict(str(path))["config"]
+
+
+def load_model(path: str | Path, model) -> None:
+    """Load only the model weights of checkpoint directory `path` (an `iter_*` directory) into an unwrapped
+    GPTModel (generation, evaluation); any TP/PP layout of the saved run loads (the tensors are resharded)."""
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    model.load_state_dict(state["model"])

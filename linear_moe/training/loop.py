@@ -158,7 +158,10 @@ def _next_batch(data_iterator) -> dict:
     if parallel_state.get_context_parallel_world_size() > 1:
         from megatron.core.utils import get_batch_on_this_cp_rank
 
-        batch = get_batch_on_this_cp_rank(batch)
+        # Megatron's zigzag split: the sequence in 2 * cp chunks, CP rank r keeps chunks r and 2cp-1-r (the layout
+        # the mixers' CP path expects)
+        batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False,
+                                          cp_group=parallel_state.get_context_parallel_group())
     return batch
 
 
@@ -170,11 +173,16 @@ def _sum_over_cp(t: torch.Tensor) -> torch.Tensor:
 
 def _train_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     """Masked CE of one micro batch: (sum, token count, log dict). Megatron divides the sum by the count and by the
-    number of micro batches, so the step loss is the mean of per-micro-batch masked means."""
+    number of micro batches, so the step loss is the mean of per-micro-batch masked means.
+
+    Under CP each rank holds part of the micro batch: it returns cp * its local sum and the micro batch's whole
+    count, so that after Megatron's division and DDP's average over the CP ranks the gradient is the micro batch's
+    masked mean, also when the CP ranks hold different numbers of masked tokens."""
     mask = loss_mask.reshape(-1).float()
     loss = torch.sum(per_token_loss.reshape(-1).float() * mask)
     stats = _sum_over_cp(torch.stack([loss.detach(), mask.sum()]))
-    return loss, mask.sum().to(torch.int), {"lm_loss": stats}
+    cp = parallel_state.get_context_parallel_world_size()
+    return loss * cp, stats[1].to(torch.int), {"lm_loss": stats}
 
 
 def train_forward_step(data_iterator, model):
@@ -279,6 +287,18 @@ def _telemetry() -> dict[str, float]:
 
 
 
+def _set_aux_loss_scale(tc, n_micro: int) -> None:
+    """The aux-loss gradient scale (MoM's balance and z-losses) by the schedules' rule: loss scale * CP size /
+    micro batches. Megatron's schedules set it only when the model has MoE layers; without it the aux losses of a
+    MoM-only model would weigh `n_micro` times too much (and 1/cp too little under CP)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    dev = torch.device("cpu") if cpu.is_cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+    one = torch.ones(1, device=dev)
+    scale = tc.grad_scale_func(one) if tc.grad_scale_func is not None else one
+    MoEAuxLossAutoScaler.set_loss_scale(scale.detach() * parallel_state.get_context_parallel_world_size() / n_micro)
+
+
 def _evaluate(cfg: Config, model, valid_iter, fb, tc) -> dict[str, float]:
     for m in model:
         m.eval()
@@ -341,6 +361,8 @@ def _train(cfg: Config) -> TrainResult:
             for m in model:
                 m.zero_grad_buffer()
             optimizer.zero_grad()
+            if tc.num_moe_experts is None:
+                _set_aux_loss_scale(tc, n_micro)
             outputs = fb(forward_step_func=train_forward_step, data_iterator=train_iter, model=model,
                          num_microbatches=n_micro, seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
                          forward_only=False)

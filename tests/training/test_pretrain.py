@@ -52,7 +52,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     (["train.stepz=3"], "train.stepz"),
     (["train.steps=abc"], "train.steps"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
-    (["parallel.tensor=2"], "world size"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], "world size"),
     (["checkpoint.load=/nonexistent/ck"], "checkpoint.load"),
     (["/nonexistent/config.yaml"], "/nonexistent/config.yaml"),
 ], ids=["unknown-key", "bad-type", "bad-combination", "world-size", "bad-checkpoint", "missing-file"])

@@ -26,3 +26,29 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(42)
+
+
+@pytest.fixture(scope="module")
+def megatron_world():
+    """torch.distributed (gloo, world 1) and Megatron's parallel state at TP = PP = 1 in CPU mode, for one test
+    module. It is torn down after the module, so the next module (or an in-process training run, which sets up its
+    own) starts clean."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from linear_moe.cpu import enable_cpu_mode
+
+    enable_cpu_mode()
+    made_group = not dist.is_initialized()
+    if made_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    made_state = not ps.model_parallel_is_initialized()
+    if made_state:
+        ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(42)
+    yield
+    if made_state:
+        ps.destroy_model_parallel()
+    if made_group:
+        dist.destroy_process_group()

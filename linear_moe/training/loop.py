@@ -61,6 +61,11 @@ def initialize(cfg: Config) -> bool:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         created = True
     cfg.validate(world_size=dist.get_world_size())
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # Megatron copies each step's aux-loss scale into this class attribute, whose shape its first setter fixes
+    # (an aux-loss backward outside the schedules makes it 0-dim); a run starts without it.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     p = cfg.parallel
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor, pipeline_model_parallel_size=p.pipeline,

@@ -1,38 +1,12 @@
-"""Megatron at world size 1 (gloo, CPU) for building mixer layers, and the kernel entry points the tests compare."""
+"""Helpers for the mixer tests: a small CPU TransformerConfig and the kernel entry points the tests compare.
+
+The world-size-1 Megatron setup is the shared `megatron_world` fixture of tests/conftest.py."""
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def megatron_world():
-    """torch.distributed (gloo, world 1) with Megatron's parallel state at TP = PP = 1, in CPU mode."""
-    from megatron.core import parallel_state as ps
-
-    from linear_moe.cpu import enable_cpu_mode
-
-    enable_cpu_mode()
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(42)
 
 
 def transformer_config(**kw):

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import functools
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
@@ -22,27 +19,7 @@ from linear_moe.config import ModelConfig
 from linear_moe.registry import get_mixer
 from linear_moe.specs import block_spec, layer_spec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def megatron_world():
-    """torch.distributed (gloo, world 1) with Megatron's parallel state at TP = PP = 1, in CPU mode."""
-    from megatron.core import parallel_state as ps
-
-    from linear_moe.cpu import enable_cpu_mode
-
-    enable_cpu_mode()
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(42)
+pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
 def transformer_config(**kw) -> TransformerConfig:

@@ -52,3 +52,11 @@ def megatron_world():
         ps.destroy_model_parallel()
     if made_group:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def make_tc():
+    """`layer_helpers.transformer_config` as a fixture."""
+    from layer_helpers import transformer_config
+
+    return transformer_config

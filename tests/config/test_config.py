@@ -90,8 +90,6 @@ def test_validation_names_the_field(overrides, match):
 
 
 def test_mom_topk_above_num_memories():
-    if "mom" not in registered():
-        pytest.skip("mixers/mom.py has not landed; its Config.resolve owns this check")
     with pytest.raises(ConfigError, match=r"topk=3 must be <= num_memories=2"):
         cfg("model.layer_pattern=X-X-X-X-", "model.mixers.mom.num_memories=2", "model.mixers.mom.topk=3")
 

@@ -9,25 +9,6 @@ from gen_helpers import TINY
 from linear_moe.cli import generate_main, pretrain_main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_parallel_state():
-    """The CLIs set up and tear down Megatron's parallel state themselves; a session fixture of another test
-    directory may hold one: set it aside and restore it afterwards."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    held = ps.model_parallel_is_initialized()
-    if held:
-        ps.destroy_model_parallel()
-    # a class attribute whose shape an earlier MoE/MoM training test may have fixed (training.shutdown resets it)
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    yield
-    if held and not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-        model_parallel_cuda_manual_seed(42)
-
-
 @pytest.fixture(scope="module")
 def checkpoint_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")

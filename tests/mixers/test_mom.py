@@ -8,7 +8,7 @@ import itertools
 import linear_moe.mixers.mom as mom_module
 import pytest
 import torch
-from conftest import kernel_entry, transformer_config
+from layer_helpers import transformer_config
 from linear_moe.mixers.mom import MixtureOfMemories
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -22,26 +22,7 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 def _naive(kind: str):
     """The recurrence's definition (fp32 loop over time) for one memory kind."""
     op = "delta_rule" if kind == "gated_delta" else "gla"
-    fn = kernel_entry(op, "naive_recurrent")
-    if fn is None:
-        fn = getattr(importlib.import_module(f"linear_moe.kernels.{op}.naive"), f"naive_recurrent_{op}")
-    return fn
-
-
-@pytest.fixture(autouse=True)
-def _kernels(monkeypatch):
-    """Use the chunked kernels; while a family's package does not export `chunk_<op>` yet, fall back to its naive
-    definition (varlen) so the layer's dispatch is still tested."""
-    real = MixtureOfMemories.kernel
-
-    def kernel(self, kind="chunk"):
-        try:
-            return real(self, kind)
-        except (ImportError, AttributeError):
-            naive = _naive(self.mixer_config.memory_kind)
-            return lambda *a, check_inputs=True, **kw: naive(*a, **kw)
-
-    monkeypatch.setattr(MixtureOfMemories, "kernel", kernel)
+    return getattr(importlib.import_module(f"linear_moe.kernels.{op}"), f"naive_recurrent_{op}")
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+from layer_helpers import transformer_config
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
@@ -12,7 +13,6 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from linear_moe.config import ModelConfig
@@ -21,13 +21,6 @@ from linear_moe.specs import block_spec, layer_spec
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 
-
-def transformer_config(**kw) -> TransformerConfig:
-    base = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "use_cpu_initialization": True,
-            "add_bias_linear": False, "hidden_dropout": 0.0, "attention_dropout": 0.0,
-            "gradient_accumulation_fusion": False, "bias_dropout_fusion": False, "masked_softmax_fusion": False,
-            "persist_layer_norm": False, "params_dtype": torch.float32}
-    return TransformerConfig(**{**base, **kw})
 
 ZOO = "L- RE G0 NE D- ME *- *E"
 MIXERS = ["linear_attention", "retention", "gla", "deltanet", "gated_deltanet", "mamba2", "attention", "attention"]
@@ -105,13 +98,6 @@ def test_stage_layers_build():
     assert [type(layer.mlp) for layer in layers] == [MLP, MoELayer, MLP, MoELayer]
 
 
-def _have(op: str) -> bool:
-    import importlib
-
-    return hasattr(importlib.import_module(f"linear_moe.kernels.{op}"), f"chunk_{op}")
-
-
-@pytest.mark.skipif(not (_have("gla") and _have("delta_rule")), reason="a kernel family has not landed yet")
 def test_zoo_block_forward_backward():
     """The whole zoo (every mixer, dense, MoE and no FFN) as one stock TransformerBlock: finite output and grads."""
     model = zoo_model()

@@ -217,6 +217,8 @@ class LoggingConfig:
     """Write loss.png at the end of training."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one GPU for the logged MFU; null looks it up by GPU name (H100, H200, A100, B200)."""
 
 
 @dataclass(kw_only=True)
@@ -333,6 +335,8 @@ class Config:
                     f"data.mqar.num_values={q.num_values} (keys and values of a sample are distinct)")
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.seq_length <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.seq_length must be positive")
+        if self.logging.peak_tflops is not None and self.logging.peak_tflops <= 0:
+            raise ConfigError(f"logging.peak_tflops={self.logging.peak_tflops} must be > 0, or null to look it up")
 
 
 def _type_name(tp: Any) -> str:

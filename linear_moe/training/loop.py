@@ -24,7 +24,7 @@ from linear_moe import cpu
 from linear_moe.config import Config
 from linear_moe.model import build_model, transformer_config
 from linear_moe.training import checkpoint, telemetry
-from linear_moe.training.run_log import RunLog
+from linear_moe.training.run_log import RunLog, Throughput, peak_memory_gib
 
 log = logging.getLogger("linear_moe.train")
 
@@ -358,6 +358,7 @@ def _train(cfg: Config) -> TrainResult:
     n_micro = t.global_batch_size // (t.micro_batch_size * dp)
     fb = get_forward_backward_func()
     runlog = RunLog(cfg, enabled=rank0, total_steps=t.steps, start_step=step)
+    throughput = Throughput(cfg, dist.get_world_size())
     result = TrainResult(step=step)
     acc: dict[str, torch.Tensor] = {}
     steps_since_log, t_log, grad_norms = 0, time.perf_counter(), []
@@ -389,8 +390,11 @@ def _train(cfg: Config) -> TrainResult:
                 dt = time.perf_counter() - t_log
                 rec = {"step": step, "loss": ratios.get("lm_loss", float("nan")), **aux,
                        "lr": optimizer.param_groups[0]["lr"],
-                       "tokens_per_s": steps_since_log * t.global_batch_size * t.seq_length / dt,
+                       **throughput.metrics(steps_since_log * t.global_batch_size * t.seq_length, dt),
                        "ms_per_step": 1000 * dt / steps_since_log}
+                peak = peak_memory_gib()
+                if peak is not None:
+                    rec["peak_mem_gib"] = peak
                 if grad_norms:
                     rec["grad_norm"] = sum(grad_norms) / len(grad_norms)
                 runlog.write(rec)

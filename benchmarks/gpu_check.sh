@@ -2,7 +2,8 @@
 # One device call: install the carried wheels, run every GPU test, run the benchmarks, print a short table last.
 # Usage (device machine, repo root): bash benchmarks/gpu_check.sh [tests|bench|all] [bench names...]
 # A device call is limited to 10 minutes: run `tests` and `bench` as two calls (fla's first calls autotune for
-# minutes), or name the benchmarks to run, e.g. `bench bench_mom`. Details land in $OUT.
+# minutes), or name the benchmarks to run, e.g. `bench bench_mom`. TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each of
+# the two test runs and each benchmark. Details land in $OUT.
 set -uo pipefail
 WHAT=${1:-all}
 shift || true
@@ -23,19 +24,27 @@ REPO=$PWD
 cd /tmp
 rc_tests=skipped
 if [[ $WHAT == all || $WHAT == tests ]]; then
-  timeout 540 python3 -m pytest -q -m gpu -p no:cacheprovider "$REPO/tests" --rootdir "$REPO" 2>&1 | tee "$OUT/gpu_tests.log"
-  rc_tests=${PIPESTATUS[0]}
+  # kernels first, in their own run (their report survives a time-out of the layer tests), then the layers
+  rc_tests=0
+  for part in kernels "mixers generation parallel"; do
+    paths=()
+    for p in $part; do paths+=("$REPO/tests/$p"); done
+    timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider --rootdir "$REPO" \
+      "${paths[@]}" 2>&1 | tee -a "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
+    rc=${PIPESTATUS[0]}
+    [[ $rc == 0 ]] || rc_tests=$rc
+  done
 fi
 if [[ $WHAT == all || $WHAT == bench ]]; then
   # fla's first calls autotune for minutes: give each benchmark a generous limit
   for b in $BENCHES; do
-    [[ -f $REPO/benchmarks/$b.py ]] && timeout 420 python3 "$REPO/benchmarks/$b.py" 2>&1 | tee "$OUT/$b.log"
+    [[ -f $REPO/benchmarks/$b.py ]] && timeout "${BENCH_TIMEOUT:-420}" python3 "$REPO/benchmarks/$b.py" 2>&1 | tee "$OUT/$b.log"
   done
 fi
 echo
 echo "== summary"
 cat "$OUT/gpu.txt"
-echo "gpu tests rc=$rc_tests: $(tail -n 1 "$OUT/gpu_tests.log" 2>/dev/null)"
+echo "gpu tests rc=$rc_tests: $(grep -E "^=+ .*(passed|failed)" "$OUT/gpu_tests.log" 2>/dev/null | tr '\n' ' ')"
 for b in $BENCHES; do
   [[ -f $OUT/$b.log ]] && { echo "-- $b"; tail -n 20 "$OUT/$b.log"; }
 done

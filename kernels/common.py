@@ -25,6 +25,14 @@ def use_triton(x: torch.Tensor, backend: str | None) -> bool:
     return backend == "triton"
 
 
+def dot_precision(x: torch.Tensor) -> str:
+    """`input_precision` of the Triton dots whose operands are fp32: exact for fp32 inputs; for 16-bit inputs one
+    tf32 pass (10-bit mantissa, above the 8 bits of the 16-bit tiles such products feed). Three passes (tf32x3) cost
+    3x on the WY kernels, which dominate the delta rule at head dim 128, for accuracy the 16-bit operands downstream
+    cannot keep. (Dots of 16-bit operands ignore it.)"""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
     """Check `[B, T, H, K]` q/k and `[B, T, H, V]` v; return (B, T, H, K, V)."""
     for name, t in (("q", q), ("k", k), ("v", v)):

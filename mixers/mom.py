@@ -29,6 +29,9 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.norms import l2norm
+from linear_moe.kernels.short_conv import short_conv
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.parallel_state import get_data_parallel_group
@@ -47,12 +50,6 @@ except ImportError:
     telemetry = None
 
 Tensor = torch.Tensor
-
-
-def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
-    """L2-normalise the last dim in fp32, back in x's dtype (the kernels' `use_qk_l2norm` rule)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @register_mixer("mom", symbol="X")
@@ -165,6 +162,16 @@ class MixtureOfMemories(LinearMixer):
         `cu_seqlens` None each slot is then its own segment of one token (a decoding step)."""
         K, V = self.head_k_dim, self.head_v_dim
         S, H = q.shape[:2]
+        if self.conv is not None and conv_state is None and self.cp_group is None and use_triton(q, self.backend):
+            # training on the GPU: the Triton conv reads q and the memory rows in place, no concatenated copy
+            w = self.conv.weight.view(H, 2 * K + V, -1)
+            act = self.conv.activation
+            qc = short_conv(q[None], w[:, :K].reshape(H * K, -1), cu_seqlens=cu_seqlens, activation=act,
+                            backend="triton")
+            kv = short_conv(mem[None, ..., :K + V], w[:, K:].reshape(H * (K + V), -1), cu_seqlens=cu_seqlens,
+                            activation=act, backend="triton").view(1, S, H, K + V)
+            q, (k, v) = qc.view(1, S, H, K), kv.split([K, V], dim=-1)
+            return self.memory_gates(q, k, v, mem)
         qkv = torch.cat([q, mem[..., :K + V]], dim=-1).reshape(1, S, H * (2 * K + V))
         if self.conv is not None and conv_state is not None:
             if cu_seqlens is None:
@@ -179,14 +186,19 @@ class MixtureOfMemories(LinearMixer):
             if self.cp_group is not None and cu_seqlens is not None:
                 # each local segment's conv continues its (sequence, memory) segment from earlier CP pieces
                 halo = cp_halo(qkv, self.cp_group, width=self.conv.kernel_size - 1, local_cu_seqlens=cu_seqlens)
-            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens, initial_state=halo)
+            qkv, _ = self.conv(qkv, cu_seqlens=cu_seqlens, initial_state=halo, backend=self.backend)
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
+        return self.memory_gates(q, k, v, mem)
+
+    def memory_gates(self, q: Tensor, k: Tensor, v: Tensor, mem: Tensor) -> tuple[Tensor, ...]:
+        """Convolved q, k, v `[1, S, H, D]` and the memory rows -> L2-normalised q, k, v, log decay g, beta or None."""
+        K, V = self.head_k_dim, self.head_v_dim
         a = mem[..., K + V].float()
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         beta = mem[..., K + V + 1].float().sigmoid()[None] if self.op == "delta_rule" else None
-        return l2norm(q), l2norm(k), v.contiguous(), g[None], beta
+        return l2norm(q, backend=self.backend), l2norm(k, backend=self.backend), v.contiguous(), g[None], beta
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, cu_seqlens: Tensor) -> Tensor:
         """ONE chunked kernel call over all packed segments `[1, S, H, D]` -> o `[1, S, H, V]`.
@@ -265,7 +277,7 @@ class MixtureOfMemories(LinearMixer):
         o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
         if self.shared:
             weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
-        out, bias = self.finish_tokens(routing.combine(o, weights, d), gate, T, B)
+        out, bias = self.finish_tokens(routing.combine(o, weights, d, self.backend), gate, T, B)
 
         if self.training and torch.is_grad_enabled():
             out = self._attach_router_losses(out, logits_local, d.load, N)
@@ -345,7 +357,7 @@ class MixtureOfMemories(LinearMixer):
                 initial_state=None if fresh else state_rows, output_final_state=True, backend=self.backend,
                 check_inputs=False)
             state_rows.copy_(new)
-            o = routing.combine(o[0], weights, d)
+            o = routing.combine(o[0], weights, d, self.backend)
         return self.finish_tokens(o, gate, T, B)
 
     def _attach_router_losses(self, out: Tensor, logits_local: Tensor, load: Tensor, num_tokens: int) -> Tensor:

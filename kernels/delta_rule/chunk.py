@@ -8,21 +8,39 @@ entering the chunk, q already scaled:
 
 Every sequence layout is handled as varlen: a dense [B, T] batch is [1, B*T] with offsets 0, T, 2T, ... Kernels that
 work per chunk run over an upper bound of chunks and read their (sequence, chunk) from a device-side table, so the
-varlen path has no host sync. Hopper note: no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot`
-(Triton 3.4-3.7.0 miscompiles that); transposed products are recomputed from loaded tiles instead.
+varlen path has no host sync. Plain DeltaNet is the gated rule with G = 0. Hopper notes (Triton 3.4-3.7.0
+miscompiles): no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot` (transposed products are
+recomputed from loaded tiles, or read transposed from memory); and there is one kernel set, the gated one, because
+the ungated specialisation came out wrong on an H100 at head dim 256.
 """
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import use_triton
-from linear_moe.kernels.delta_rule.naive import l2norm, torch_chunk_delta_rule, validate_delta_rule_inputs
+from linear_moe.kernels.common import dot_precision, use_triton
+from linear_moe.kernels.delta_rule.naive import torch_chunk_delta_rule, validate_delta_rule_inputs
+from linear_moe.kernels.norms import l2norm
 
 # tests set this to poison every torch.empty buffer with NaN, so an unwritten element cannot pass unnoticed
 DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
+
+
+# Launch settings per kernel: (num_warps, num_stages); stages None = 3 for 16-bit inputs, 2 for fp32 (fp32 tiles are
+# twice as large). benchmarks/sweep_kernels.py varies these on a GPU to pick the defaults.
+LAUNCH: dict[str, tuple[int, int | None]] = {
+    "wy": (4, None), "h": (4, 1), "o": (4, None), "dh": (4, 1), "dqkw": (4, None), "bwd_wy": (4, None),
+}
+
+
+def _launch(name: str, dtype: torch.dtype) -> dict[str, int]:
+    warps, stages = LAUNCH[name]
+    if stages is None:
+        stages = 2 if dtype == torch.float32 else 3
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def _empty(*shape, dtype, device):
@@ -74,12 +92,14 @@ def _load_gates(G, bos, T, i_t, i_h, H: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def chunk_delta_rule_fwd_kernel_wy(
-    k, v, beta, g, G, w, u,
+    k, v, beta, g, G, w, u, Ti,
     cu_seqlens, chunk_info, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, PREC: tl.constexpr, LOG_BT: tl.constexpr,
+    PREC: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr,
 ):
+    """w, u per chunk; with STORE_T also T = (I + A)^-1 (fp32 [TT, H, BT]) for the backward's WY kernel, which reads
+    it and its transpose from memory."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
@@ -88,12 +108,9 @@ def chunk_delta_rule_fwd_kernel_wy(
     o_t = i_t * BT + o_i
     m_t = o_t < T
     b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    if USE_G:
-        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        b_G = tl.cumsum(b_g, 0)
-        tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
-    else:
-        b_G = tl.zeros([BT], dtype=tl.float32)
+    b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_G = tl.cumsum(b_g, 0)
+    tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
     # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -103,6 +120,9 @@ def chunk_delta_rule_fwd_kernel_wy(
     m_strict = o_i[:, None] > o_i[None, :]
     b_A = tl.where(m_strict, b_A * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
     b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
+    if STORE_T:
+        p_T, m_T = _tile(Ti + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
+        tl.store(p_T, b_T, mask=m_T)
     b_Tc = b_T.to(k.dtype.element_ty)
     b_bg = b_beta * tl.exp(b_G)
     for i_k in range(tl.cdiv(K, BK)):
@@ -127,7 +147,7 @@ def chunk_delta_rule_fwd_kernel_h(
     cu_seqlens, cu_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     n, i_h = i_nh // H, i_nh % H
@@ -152,11 +172,10 @@ def chunk_delta_rule_fwd_kernel_h(
         b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
         b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
         tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
-        if USE_G:
-            b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
-            m_t = i_t * BT + o_i < T
-            b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
-            b_h *= tl.exp(b_Gl)
+        b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+        m_t = i_t * BT + o_i < T
+        b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
+        b_h *= tl.exp(b_Gl)
         b_kt = tl.load(p_kt, mask=m_kt, other=0.0)
         b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PREC)
     if STORE_HT:
@@ -166,12 +185,14 @@ def chunk_delta_rule_fwd_kernel_h(
 
 @triton.jit
 def chunk_delta_rule_fwd_kernel_o(
-    q, k, v_new, h, G, o, scale,
+    q, k, v_new, h, G, o, A, scale,
     cu_seqlens, chunk_info, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr, STORE_A: tl.constexpr,
 ):
+    """o per chunk and V-block; with STORE_A the first V-block also writes the decayed causal q.k scores
+    A [TT, H, BT] (16-bit) that the backward's dh kernel reads instead of recomputing them for every V-block."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
@@ -189,12 +210,13 @@ def chunk_delta_rule_fwd_kernel_o(
         b_o += tl.dot(b_q, b_h, input_precision=PREC)
         b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     m_c = o_i[:, None] >= o_i[None, :]
-    if USE_G:
-        b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
-        b_o = b_o * tl.exp(b_G)[:, None]
-        b_A = tl.where(m_c, b_A * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
-    else:
-        b_A = tl.where(m_c, b_A, 0.0)
+    b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
+    b_o = b_o * tl.exp(b_G)[:, None]
+    b_A = tl.where(m_c, b_A * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
+    if STORE_A:  # noqa: SIM102 (a compile-time branch around a runtime one)
+        if i_v == 0:
+            p_A, m_A = _tile(A + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
+            tl.store(p_A, b_A.to(p_A.dtype.element_ty), mask=m_A)
     p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     p_o, m_o = _tile(o + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
@@ -204,11 +226,11 @@ def chunk_delta_rule_fwd_kernel_o(
 
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dh(
-    q, k, w, G, do, dv, dh, dht, dh0, scale,
+    q, k, w, G, A, do, dv, dh, dht, dh0, scale,
     cu_seqlens, cu_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -218,7 +240,6 @@ def chunk_delta_rule_bwd_kernel_dh(
     c0 = tl.load(cu_chunks + n).to(tl.int64)
     NT = tl.cdiv(T, BT)
     o_i = tl.arange(0, BT)
-    m_c = o_i[:, None] <= o_i[None, :]
     if USE_DHT:
         p_dht, m_dht = _tile(dht + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         b_dh = tl.load(p_dht, mask=m_dht, other=0.0).to(tl.float32)
@@ -236,24 +257,18 @@ def chunk_delta_rule_bwd_kernel_dh(
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_qt = tl.load(p_qt, mask=m_qt, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
-        # [BT, BT]: entry (j, i) = k_j.q_i, kept for i >= j
-        b_Akq = tl.dot(b_k, b_qt, input_precision=PREC)
-        if USE_G:
-            b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
-            m_t = i_t * BT + o_i < T
-            b_Akq = tl.where(m_c, b_Akq * tl.exp(b_G[None, :] - b_G[:, None]), 0.0) * scale
-            b_kd = (b_k * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]).to(b_k.dtype)
-            b_qt = (b_qt * (tl.exp(b_G) * scale)[None, :]).to(b_qt.dtype)
-        else:
-            b_Akq = tl.where(m_c, b_Akq, 0.0) * scale
-            b_kd = b_k
-            b_qt = (b_qt * scale).to(b_qt.dtype)
-        b_dv = tl.dot(b_Akq.to(b_do.dtype), b_do, input_precision=PREC)
+        # [BT, BT]: entry (j, i) = q_i.k_j exp(G_i - G_j) for i >= j, the forward's scores read transposed
+        p_At, m_At = _tile(A + (bos * H + i_h) * BT, BT, T, 1, H * BT, 0, i_t * BT, BT, BT)
+        b_Akq = tl.load(p_At, mask=m_At, other=0.0)
+        b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+        m_t = i_t * BT + o_i < T
+        b_kd = (b_k * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]).to(b_k.dtype)
+        b_qt = (b_qt * (tl.exp(b_G) * scale)[None, :]).to(b_qt.dtype)
+        b_dv = tl.dot(b_Akq.to(b_do.dtype), b_do, input_precision=PREC) * scale
         b_dv += tl.dot(b_kd, b_dh.to(b_kd.dtype), input_precision=PREC)
         tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
         b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
-        if USE_G:
-            b_dh *= tl.exp(b_Gl)
+        b_dh *= tl.exp(b_Gl)
         b_dh += tl.dot(b_qt, b_do, input_precision=PREC)
         b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
     if STORE_DH0:
@@ -267,7 +282,7 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     cu_seqlens, chunk_info, N, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, PREC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Per chunk and K-block: dq (final), dk from the output and the state (partial), dw, and the per-step
     gradient of the cumulative gate from those terms (partial over K-blocks)."""
@@ -300,23 +315,17 @@ def chunk_delta_rule_bwd_kernel_dqkw(
         # ds_ij = do_i.v_new_j and its transpose, both from loaded tiles
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
-        if USE_G:
-            b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+        b_dgl += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
     p_q, m_q = _tile(q + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     b_q = tl.load(p_q, mask=m_q, other=0.0)
     b_k = tl.load(p_k, mask=m_k, other=0.0)
     m_t = i_t * BT + o_i < T
-    if USE_G:
-        b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
-        b_ds = tl.where(o_i[:, None] >= o_i[None, :], b_ds * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
-        b_dst = tl.where(o_i[:, None] <= o_i[None, :], b_dst * tl.exp(b_G[None, :] - b_G[:, None]), 0.0) * scale
-        b_dq = b_dq * (tl.exp(b_G) * scale)[:, None]
-        b_dk = b_dk * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
-    else:
-        b_ds = tl.where(o_i[:, None] >= o_i[None, :], b_ds, 0.0) * scale
-        b_dst = tl.where(o_i[:, None] <= o_i[None, :], b_dst, 0.0) * scale
-        b_dq = b_dq * scale
+    b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+    b_ds = tl.where(o_i[:, None] >= o_i[None, :], b_ds * tl.exp(b_G[:, None] - b_G[None, :]), 0.0) * scale
+    b_dst = tl.where(o_i[:, None] <= o_i[None, :], b_dst * tl.exp(b_G[None, :] - b_G[:, None]), 0.0) * scale
+    b_dq = b_dq * (tl.exp(b_G) * scale)[:, None]
+    b_dk = b_dk * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
     b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
     b_dk_state = b_dk
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
@@ -326,22 +335,21 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
     tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
-    if USE_G:
-        # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
-        b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
-        b_last = tl.sum(b_dgl, 0) * tl.exp(b_Gl) + tl.sum(b_k.to(tl.float32) * b_dk_state)
-        i_last = tl.minimum(BT, T - i_t * BT) - 1
-        b_dG += tl.where(o_i == i_last, b_last, 0.0)
-        tl.store(dG + (i_k * TT + bos + i_t * BT + o_i) * H + i_h, b_dG, mask=m_t)
+    # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
+    b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
+    b_last = tl.sum(b_dgl, 0) * tl.exp(b_Gl) + tl.sum(b_k.to(tl.float32) * b_dk_state)
+    i_last = tl.minimum(BT, T - i_t * BT) - 1
+    b_dG += tl.where(o_i == i_last, b_last, 0.0)
+    tl.store(dG + (i_k * TT + bos + i_t * BT + o_i) * H + i_h, b_dG, mask=m_t)
 
 
 @triton.jit
 def chunk_delta_rule_bwd_kernel_wy(
-    k, v, beta, G, dw, du, dk, dk_out, dv_out, dbeta, dG, dg,
+    k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, dG, dg,
     cu_seqlens, chunk_info, N, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-    USE_G: tl.constexpr, PREC: tl.constexpr, LOG_BT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1; finishes dk, dv, dbeta, dg."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -352,22 +360,20 @@ def chunk_delta_rule_bwd_kernel_wy(
     o_t = i_t * BT + o_i
     m_t = o_t < T
     b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    if USE_G:
-        b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
-    else:
-        b_G = tl.zeros([BT], dtype=tl.float32)
+    b_G, _ = _load_gates(G, bos, T, i_t, i_h, H, BT)
     b_gam = tl.exp(b_G)
     b_bg = b_beta * b_gam
-    # recompute T from k, beta, G (cheaper than storing it)
     b_KK = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_strict = o_i[:, None] > o_i[None, :]
-    b_A = tl.where(m_strict, b_KK * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
-    b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
-    b_Tt = tl.trans(b_T)
+    # T and T^T as the recomputed forward stored them (T^T read through the strides, not transposed in registers)
+    p_T, m_T = _tile(Ti + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
+    p_Tt, m_Tt = _tile(Ti + (bos * H + i_h) * BT, BT, T, 1, H * BT, 0, i_t * BT, BT, BT)
+    b_T = tl.load(p_T, mask=m_T, other=0.0)
+    b_Tt = tl.load(p_Tt, mask=m_Tt, other=0.0)
     b_Ttc = b_Tt.to(k.dtype.element_ty)
     # dT = dw (beta gamma k)^T + du (beta v)^T, and its transpose, each from loaded tiles
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
@@ -423,12 +429,11 @@ def chunk_delta_rule_bwd_kernel_wy(
         b_dk += tl.dot(b_Dtc, (b_k * b_beta[:, None]).to(b_k.dtype), input_precision=PREC)
         tl.store(p_dko, b_dk.to(p_dko.dtype.element_ty), mask=m_dko)
     tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
-    if USE_G:
-        for i_k in range(NK):
-            b_dG += tl.load(dG + (i_k * TT + bos + o_t) * H + i_h, mask=m_t, other=0.0)
-        # g_t enters every G_i with i >= t of its chunk: reverse cumulative sum
-        b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
-        tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+    for i_k in range(NK):
+        b_dG += tl.load(dG + (i_k * TT + bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    # g_t enters every G_i with i >= t of its chunk: reverse cumulative sum
+    b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
+    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
@@ -453,31 +458,39 @@ def _state_bv(KP: int, BV: int) -> int:
     return min(BV, 32 if KP >= 256 else 64)
 
 
-def _prec(x: torch.Tensor) -> str:
-    # only fp32 x fp32 products read this: exact for fp32 inputs, ~fp32 (3 tf32 passes) for the fp32 tiles
-    # (T, dT, dA) of 16-bit inputs
-    return "ieee" if x.dtype == torch.float32 else "tf32x3"
+class Forward(NamedTuple):
+    o: torch.Tensor | None
+    ht: torch.Tensor | None
+    w: torch.Tensor
+    u: torch.Tensor
+    h: torch.Tensor
+    v_new: torch.Tensor
+    G: torch.Tensor
+    A: torch.Tensor | None
+    """The decayed causal q.k scores [1, TT, H, BT] that the backward reads (forward for training only)."""
+    Ti: torch.Tensor | None
+    """T = (I + A_kk)^-1 [1, TT, H, BT] fp32 (the backward's recomputation only)."""
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
-                         BT: int = 64, BK: int = 64, BV: int = 64, keep_h: bool = False):
-    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. Returns (o, ht, w, u, h, v_new, G)."""
+                         BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False,
+                         recompute: bool = False) -> Forward:
+    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. `training`: also keep the scores A for
+    the backward; `recompute` (the backward's pass): no o, keep T instead."""
     _, TT, H, K = k.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     dev, dt = q.device, q.dtype
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
     cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
-    USE_G = g is not None
-    prec = _prec(q)
-    # fp32 tiles are twice as large: a shallower software pipeline keeps them in shared memory
-    stages = 2 if q.dtype == torch.float32 else 3
-    G = _empty(1, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    prec = dot_precision(q)
+    G = _empty(1, TT, H, dtype=torch.float32, device=dev)
     w = _empty(1, TT, H, K, dtype=dt, device=dev)
     u = _empty(1, TT, H, V, dtype=dt, device=dev)
+    Ti = _empty(1, TT, H, BT, dtype=torch.float32, device=dev) if recompute else None
     chunk_delta_rule_fwd_kernel_wy[(NT, H)](
-        k, v, beta, g, G, w, u, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec,
-        LOG_BT=BT.bit_length() - 1, num_stages=stages,
+        k, v, beta, g, G, w, u, Ti, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec,
+        LOG_BT=BT.bit_length() - 1, STORE_T=recompute, **_launch("wy", dt),
     )
     h = _empty(NT, H, K, V, dtype=dt, device=dev)
     v_new = _empty(1, TT, H, V, dtype=dt, device=dev)
@@ -485,55 +498,57 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     BVS = _state_bv(KP, BV)
     chunk_delta_rule_fwd_kernel_h[(triton.cdiv(V, BVS), N * H)](
         k, w, u, G, h, v_new, initial_state, ht, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_G=USE_G, USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, num_stages=1,
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, **_launch("h", dt),
     )
+    if recompute:
+        return Forward(None, ht, w, u, h, v_new, G, None, Ti)
     o = _empty(1, TT, H, V, dtype=dt, device=dev)
+    A = _empty(1, TT, H, BT, dtype=dt, device=dev) if training else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(V, BV), NT, H)](
-        q, k, v_new, h, G, o, scale, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec, num_stages=stages,
+        q, k, v_new, h, G, o, A, scale, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec,
+        STORE_A=training, **_launch("o", dt),
     )
-    return o, ht, w, u, h, v_new, G
+    return Forward(o, ht, w, u, h, v_new, G, A, None)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht,
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
                          BT: int = 64, BK: int = 64, BV: int = 64):
-    """Recompute the forward's intermediates, then dh through the chunks, then per-chunk gradients."""
+    """Recompute the forward's intermediates (all but o and the saved scores A), then dh through the chunks, then
+    per-chunk gradients."""
     _, TT, H, K = k.shape
     V = v.shape[-1]
     N = cu_seqlens.numel() - 1
     dev, dt = q.device, q.dtype
-    _, _, w, _, h, v_new, G = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, False, cu_seqlens,
-                                                   BT, BK, BV)
+    fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, False, cu_seqlens, BT, BK, BV, recompute=True)
+    w, h, v_new, G = fwd.w, fwd.h, fwd.v_new, fwd.G
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
     NK = triton.cdiv(K, BK)
     cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
-    USE_G = g is not None
-    prec = _prec(q)
-    # fp32 tiles are twice as large: a shallower software pipeline keeps them in shared memory
-    stages = 2 if q.dtype == torch.float32 else 3
+    prec = dot_precision(q)
     dh = _empty(NT, H, K, V, dtype=dt, device=dev)
     du = _empty(1, TT, H, V, dtype=dt, device=dev)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev) if initial_state is not None else None
     BVS = _state_bv(KP, BV)
     chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(V, BVS), N * H)](
-        q, k, w, G, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_G=USE_G, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, num_stages=1,
+        q, k, w, G, A, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **_launch("dh", dt),
     )
     dq = _empty(1, TT, H, K, dtype=dt, device=dev)
     dk = _empty(1, TT, H, K, dtype=torch.float32, device=dev)
     dw = _empty(1, TT, H, K, dtype=dt, device=dev)
-    dG = _empty(NK, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    dG = _empty(NK, TT, H, dtype=torch.float32, device=dev)
     chunk_delta_rule_bwd_kernel_dqkw[(NK, NT, H)](
         q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, cu, info, N, TT,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=USE_G, PREC=prec, num_stages=stages,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, **_launch("dqkw", dt),
     )
     dk_out = _empty(1, TT, H, K, dtype=dt, device=dev)
     dv = _empty(1, TT, H, V, dtype=dt, device=dev)
     dbeta = _empty(1, TT, H, dtype=torch.float32, device=dev)
-    dg = _empty(1, TT, H, dtype=torch.float32, device=dev) if USE_G else None
+    dg = _empty(1, TT, H, dtype=torch.float32, device=dev)
     chunk_delta_rule_bwd_kernel_wy[(NT, H)](
-        k, v, beta, G, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NK=NK, USE_G=USE_G, PREC=prec, LOG_BT=BT.bit_length() - 1,
-        num_stages=stages,
+        k, v, beta, G, fwd.Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
+        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NK=NK, PREC=prec,
+        **_launch("bwd_wy", dt),
     )
     return dq, dk_out, dv, dbeta, dg, dh0
 
@@ -541,21 +556,21 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, blocks):
-        o, ht, *_ = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
-                                         *blocks)
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, *blocks,
+                                   training=any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, fwd.A)
         ctx.scale, ctx.blocks = scale, blocks
-        return o, ht
+        return fwd.o, fwd.ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, initial_state, cu_seqlens = ctx.saved_tensors
+        q, k, v, beta, g, initial_state, cu_seqlens, A = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
             q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
-            dht.contiguous() if dht is not None else None, *ctx.blocks,
+            dht.contiguous() if dht is not None else None, A, *ctx.blocks,
         )
         dbeta = dbeta.to(beta.dtype)
-        dg = dg.to(g.dtype) if g is not None else None
+        dg = dg.to(g.dtype)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dbeta, dg, None, dh0, None, None, None
 
@@ -609,7 +624,9 @@ def chunk_delta_rule(
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
     q, k, v, beta = (x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v, beta))
-    g = g.reshape(1, B * T, H).contiguous() if g is not None else None
+    # plain DeltaNet runs as the gated rule with log decay 0: one kernel set (the ungated specialisation of the same
+    # kernels came out wrong on the H100 at head dim 256, Triton 3.6, while the gated one matches the reference)
+    g = g.reshape(1, B * T, H).contiguous() if g is not None else q.new_zeros(1, B * T, H, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else None
     o, ht = ChunkDeltaRuleFunction.apply(
         q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, (chunk_size, block_k, block_v)

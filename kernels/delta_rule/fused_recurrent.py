@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 from linear_moe.kernels.common import use_triton
-from linear_moe.kernels.delta_rule.naive import l2norm, torch_chunk_delta_rule, validate_delta_rule_inputs
+from linear_moe.kernels.delta_rule.naive import torch_chunk_delta_rule, validate_delta_rule_inputs
+from linear_moe.kernels.norms import l2norm
 
 
 @triton.jit

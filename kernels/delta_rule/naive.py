@@ -17,6 +17,7 @@ from linear_moe.kernels.common import (
     segments,
     unpack_varlen,
 )
+from linear_moe.kernels.norms import torch_l2norm as l2norm
 
 
 def validate_delta_rule_inputs(q, k, v, beta, g, initial_state, cu_seqlens, check_inputs: bool = True):
@@ -37,12 +38,6 @@ def validate_delta_rule_inputs(q, k, v, beta, g, initial_state, cu_seqlens, chec
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on {q.device}, got {t.device}")
     return B, T, H, K, V, N
-
-
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """L2-normalise the last dim in fp32 (differentiable), back in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def naive_recurrent_delta_rule(

@@ -23,7 +23,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.common import dot_precision, use_triton
 from linear_moe.kernels.gla.naive import torch_chunk_gla, validate_gla_inputs
 
 # Block sizes of the Triton path; tests monkeypatch this (or set LINEAR_MOE_GLA_BLOCKS="BK=32,BV=32") to vary them.
@@ -167,7 +167,7 @@ def chunk_gla_fwd_kernel_cumsum(
 def chunk_gla_fwd_kernel_h(
     k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """Chunk-start states h [chunks, H, K, V] (k's dtype) by a loop over one sequence's chunks; fp32 carry."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -194,7 +194,7 @@ def chunk_gla_fwd_kernel_h(
             b_g = tl.load(p_g, mask=mp_g, other=0)
             b_h *= tl.exp(b_gl)[:, None]
             b_k = (b_k * tl.exp(b_gl[:, None] - b_g)).to(b_k.dtype)
-        b_h += tl.dot(b_k, b_v)
+        b_h += tl.dot(b_k, b_v, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh * K * V + o_kv, b_h, mask=m_kv)
 
@@ -203,7 +203,7 @@ def chunk_gla_fwd_kernel_h(
 def chunk_gla_fwd_kernel_intra(
     q, k, gc, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_LOOP: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, DIAG_LOOP: tl.constexpr,
 ):
     """Intra-chunk scores A [B, T, H, BT] fp32 (scale folded in, zero above the diagonal), one BC x BC block each."""
     i_c, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -235,9 +235,9 @@ def chunk_gla_fwd_kernel_intra(
                 b_gkt = tl.load(p_gkt, mask=mp_gkt, other=0)
                 b_qg = tl.where(m_r[:, None], b_q * tl.exp(b_g - b_gn[None, :]), 0).to(b_q.dtype)
                 b_kg = (b_kt * tl.exp(b_gn[:, None] - b_gkt)).to(b_kt.dtype)
-                b_A += tl.dot(b_qg, b_kg)
+                b_A += tl.dot(b_qg, b_kg, input_precision=PREC)
             else:
-                b_A += tl.dot(b_q, b_kt)
+                b_A += tl.dot(b_q, b_kt, input_precision=PREC)
     elif i_i == i_j:
         if USE_G:
             for i_k in range(tl.cdiv(K, BK)):
@@ -264,7 +264,8 @@ def chunk_gla_fwd_kernel_intra(
             for i_k in range(tl.cdiv(K, BK)):
                 p_q, mp_q = _bp(q + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
                 p_kt, mp_kt = _bp(k + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, col0, BK, BC)
-                b_A += tl.dot(tl.load(p_q, mask=mp_q, other=0), tl.load(p_kt, mask=mp_kt, other=0))
+                b_A += tl.dot(tl.load(p_q, mask=mp_q, other=0), tl.load(p_kt, mask=mp_kt, other=0),
+                              input_precision=PREC)
             b_A = tl.where(o_r[:, None] >= o_r[None, :], b_A, 0)
     tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=mp_A)
 
@@ -273,7 +274,7 @@ def chunk_gla_fwd_kernel_intra(
 def chunk_gla_fwd_kernel_o(
     q, v, gc, h, A, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """o = scale * (q * exp(G)) h + A v, one [BT, BV] tile per program."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -290,14 +291,14 @@ def chunk_gla_fwd_kernel_o(
         if USE_G:
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
             b_q = (b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))).to(b_q.dtype)
-        b_o += tl.dot(b_q, b_h.to(b_q.dtype))
+        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
     b_o *= scale
     o_r = tl.arange(0, BT)
     p_A, mp_A = _bp(A + (bos * H + i_h) * BT, T_n, BT, H * BT, 1, i_t * BT, 0, BT, BT)
     p_v, mp_v = _bp(v + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     b_v = tl.load(p_v, mask=mp_v, other=0)
     b_A = tl.where(o_r[:, None] >= o_r[None, :], tl.load(p_A, mask=mp_A, other=0), 0)
-    b_o += tl.dot(b_A.to(b_v.dtype), b_v)
+    b_o += tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PREC)
     p_o, mp_o = _bp(o + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=mp_o)
 
@@ -306,7 +307,7 @@ def chunk_gla_fwd_kernel_o(
 def chunk_gla_bwd_kernel_dh(
     q, do, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dh [chunks, H, K, V]: gradient w.r.t. the state at each chunk's END, by a reverse loop over chunks."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -332,7 +333,7 @@ def chunk_gla_bwd_kernel_dh(
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, i_t * BT, BK, BT)
             b_q = (b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))).to(b_q.dtype)
             b_dh *= tl.exp(b_gl)[:, None]
-        b_dh += tl.dot(b_q, b_do.to(b_q.dtype)) * scale
+        b_dh += tl.dot(b_q, b_do.to(b_q.dtype), input_precision=PREC) * scale
     if STORE_DH0:
         tl.store(dh0 + i_nh * K * V + o_kv, b_dh, mask=m_kv)
 
@@ -340,7 +341,7 @@ def chunk_gla_bwd_kernel_dh(
 @triton.jit
 def chunk_gla_bwd_kernel_dA(
     v, do, dA, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dA [B, T, H, BT] fp32 = scale * do v^T within the chunk, zero above the diagonal."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -353,7 +354,7 @@ def chunk_gla_bwd_kernel_dA(
         p_do, mp_do = _bp(do + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_vt, mp_vt = _bp(v + (bos * H + i_h) * V, V, T_n, 1, H * V, i_v * BV, i_t * BT, BV, BT)
         b_do = tl.load(p_do, mask=mp_do, other=0)
-        b_dA += tl.dot(b_do, tl.load(p_vt, mask=mp_vt, other=0).to(b_do.dtype))
+        b_dA += tl.dot(b_do, tl.load(p_vt, mask=mp_vt, other=0).to(b_do.dtype), input_precision=PREC)
     o_r = tl.arange(0, BT)
     b_dA = tl.where(o_r[:, None] >= o_r[None, :], b_dA * scale, 0)
     p_dA, mp_dA = _bp(dA + (bos * H + i_h) * BT, T_n, BT, H * BT, 1, i_t * BT, 0, BT, BT)
@@ -364,7 +365,7 @@ def chunk_gla_bwd_kernel_dA(
 def chunk_gla_bwd_kernel_dv(
     k, gc, A, do, dh, dv, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """dv = A^T do + (k * exp(G_last - G)) dh, with A^T a tile loaded transposed."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -377,7 +378,7 @@ def chunk_gla_bwd_kernel_dv(
     p_do, mp_do = _bp(do + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     b_do = tl.load(p_do, mask=mp_do, other=0)
     b_At = tl.where(o_r[:, None] <= o_r[None, :], tl.load(p_At, mask=mp_At, other=0), 0)
-    b_dv = tl.dot(b_At.to(b_do.dtype), b_do)
+    b_dv = tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PREC)
     if USE_G:
         last = tl.minimum(i_t * BT + BT, T_n) - 1
     for i_k in range(tl.cdiv(K, BK)):
@@ -389,7 +390,7 @@ def chunk_gla_bwd_kernel_dv(
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
             b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
             b_k = (b_k * tl.exp(b_gl[None, :] - tl.load(p_g, mask=mp_g, other=0))).to(b_k.dtype)
-        b_dv += tl.dot(b_k, tl.load(p_dh, mask=mp_dh, other=0).to(b_k.dtype))
+        b_dv += tl.dot(b_k, tl.load(p_dh, mask=mp_dh, other=0).to(b_k.dtype), input_precision=PREC)
     p_dv, mp_dv = _bp(dv + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=mp_dv)
 
@@ -398,7 +399,7 @@ def chunk_gla_bwd_kernel_dv(
 def chunk_gla_bwd_kernel_inter(
     v, gc, h, do, dh, dq, dk, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """State parts of dq, dk (fp32): dq = scale * exp(G) * (do h^T), dk = exp(G_last - G) * (v dh^T)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -416,8 +417,8 @@ def chunk_gla_bwd_kernel_inter(
         p_dht, mp_dht = _bp(dh + (i_g * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         b_do = tl.load(p_do, mask=mp_do, other=0)
         b_v = tl.load(p_v, mask=mp_v, other=0)
-        b_dq += tl.dot(b_do, tl.load(p_ht, mask=mp_ht, other=0).to(b_do.dtype))
-        b_dk += tl.dot(b_v, tl.load(p_dht, mask=mp_dht, other=0).to(b_v.dtype))
+        b_dq += tl.dot(b_do, tl.load(p_ht, mask=mp_ht, other=0).to(b_do.dtype), input_precision=PREC)
+        b_dk += tl.dot(b_v, tl.load(p_dht, mask=mp_dht, other=0).to(b_v.dtype), input_precision=PREC)
     if USE_G:
         o_k = i_k * BK + tl.arange(0, BK)
         last = tl.minimum(i_t * BT + BT, T_n) - 1
@@ -436,7 +437,7 @@ def chunk_gla_bwd_kernel_inter(
 def chunk_gla_bwd_kernel_intra(
     q, k, gc, dA, dq_inter, dk_inter, dq, dk, dgt, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, DIAG_LOOP: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, DIAG_LOOP: tl.constexpr,
 ):
     """Intra-chunk parts of dq, dk for one BC-row sub-chunk, plus the state parts; writes dq, dk and, for the gate,
     the per-token term dgt = q * dq - k * dk (fp32).
@@ -477,7 +478,7 @@ def chunk_gla_bwd_kernel_intra(
         if USE_G:
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, col0, i_k * BK, BC, BK)
             b_kj = (b_kj * tl.exp(b_gn[None, :] - tl.load(p_gj, mask=mp_gj, other=0))).to(b_kj.dtype)
-        b_dq += tl.dot(tl.load(p_dA, mask=mp_dA, other=0).to(b_kj.dtype), b_kj)
+        b_dq += tl.dot(tl.load(p_dA, mask=mp_dA, other=0).to(b_kj.dtype), b_kj, input_precision=PREC)
     if USE_G:
         b_dq *= tl.where(m_r[:, None], tl.exp(b_g - b_gn[None, :]), 0)
     if DIAG_LOOP:
@@ -506,7 +507,7 @@ def chunk_gla_bwd_kernel_intra(
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, r0, i_k * BK, BC, BK)
             b_e = tl.exp(tl.load(p_gj, mask=mp_gj, other=0) - b_gn[None, :])
             b_qj = tl.where(m_rj[:, None], b_qj * b_e, 0).to(b_qj.dtype)
-        b_dk += tl.dot(tl.load(p_dAt, mask=mp_dAt, other=0).to(b_qj.dtype), b_qj)
+        b_dk += tl.dot(tl.load(p_dAt, mask=mp_dAt, other=0).to(b_qj.dtype), b_qj, input_precision=PREC)
     if USE_G:
         b_dk *= tl.exp(b_gn[None, :] - b_g)
     if not DIAG_LOOP:
@@ -591,7 +592,8 @@ def _states(k, v, gc, h0, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk
     chunk_gla_fwd_kernel_h[grid](
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else k, ht if ht is not None else k,
         cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=bs["BT"], BK=BK, BV=BV, USE_G=gc is not None,
-        USE_H0=h0 is not None, STORE_HT=want_ht, IS_VARLEN=cu_seqlens is not None, num_warps=_num_warps(4),
+        USE_H0=h0 is not None, STORE_HT=want_ht, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(k),
+        num_warps=_num_warps(4),
     )
     return h, ht
 
@@ -620,12 +622,13 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     NC = BT // BC
     chunk_gla_fwd_kernel_intra[(NT_grid, NC * NC, B * H)](
         q, k, gc if gc is not None else q, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-        NC=NC, USE_G=gc is not None, IS_VARLEN=varlen, DIAG_LOOP=_diag_loop(), num_warps=_num_warps(2),
+        NC=NC, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), DIAG_LOOP=_diag_loop(),
+        num_warps=_num_warps(2),
     )
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     chunk_gla_fwd_kernel_o[(triton.cdiv(V, BV), NT_grid, B * H)](
         q, v, gc if gc is not None else q, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV, USE_G=gc is not None, IS_VARLEN=varlen, num_warps=_num_warps(4),
+        BV=BV, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
     )
     return o, ht, A
 
@@ -649,23 +652,23 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     chunk_gla_bwd_kernel_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         q, do, gcp, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu_seqlens, chunk_offsets,
         scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, IS_VARLEN=varlen, num_warps=_num_warps(4),
+        STORE_DH0=dh0 is not None, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
     )
     dA = _empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_kernel_dA[(NT_grid, B * H)](
-        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, IS_VARLEN=varlen,
+        v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, IS_VARLEN=varlen, PREC=dot_precision(q),
         num_warps=_num_warps(4),
     )
     dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     chunk_gla_bwd_kernel_dv[(triton.cdiv(V, BV), NT_grid, B * H)](
         k, gcp, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        IS_VARLEN=varlen, num_warps=_num_warps(4),
+        IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
     )
     dq_inter = _empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_inter = _empty(B, T, H, K, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_kernel_inter[(triton.cdiv(K, BK), NT_grid, B * H)](
         v, gcp, h, do, dh, dq_inter, dk_inter, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV, USE_G=use_g, IS_VARLEN=varlen, num_warps=_num_warps(4),
+        BV=BV, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
     )
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
     dk = _empty(B, T, H, K, dtype=k.dtype, device=q.device)
@@ -673,7 +676,7 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     NC = BT // BC
     chunk_gla_bwd_kernel_intra[(triton.cdiv(K, BK), NT_grid * NC, B * H)](
         q, k, gcp, dA, dq_inter, dk_inter, dq, dk, dgt if use_g else q, cu_seqlens, chunk_indices, T, H=H, K=K,
-        BT=BT, BC=BC, BK=BK, NC=NC, USE_G=use_g, IS_VARLEN=varlen, DIAG_LOOP=_diag_loop(),
+        BT=BT, BC=BC, BK=BK, NC=NC, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), DIAG_LOOP=_diag_loop(),
         num_warps=_num_warps(2),
     )
     dg = gate_grad(dgt, ht, dht, g, cu_seqlens, bs) if use_g else None

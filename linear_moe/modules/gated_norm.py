@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
+
+from linear_moe.kernels.norms import gated_rmsnorm
 
 
 class GatedRMSNorm(nn.Module):
-    """y = rmsnorm(x) * weight * silu(gate) over the last dim (one head's values); gate None gives plain RMSNorm."""
+    """y = rmsnorm(x) * weight * silu(gate) over the last dim (one head's values); gate None gives plain RMSNorm.
+
+    Fused in Triton on CUDA (kernels/norms.py), in fp32 either way."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -15,8 +18,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        if gate is not None:
-            y = y * F.silu(gate.float())
-        return y.to(x.dtype)
+        return gated_rmsnorm(x, self.weight, gate, self.eps)

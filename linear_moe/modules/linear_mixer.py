@@ -203,7 +203,7 @@ class LinearMixer(MegatronModule):
         if conv_state is not None:
             y = self.conv_cached(xc.reshape(B, T, -1), conv_state, fresh)
         elif self.cp_group is None:
-            y, _ = self.conv(xc.reshape(B, T, -1), cu_seqlens=cu_seqlens)
+            y, _ = self.conv(xc, cu_seqlens=cu_seqlens, backend=self.backend)
         else:
             y = self.cp_conv(xc.reshape(B, T, -1), cu_seqlens)
         y = y.view(B, T, self.local_units, cw)
@@ -277,7 +277,8 @@ class LinearMixer(MegatronModule):
         cu_seqlens = packed_cu_seqlens(packed_seq_params)
         parts = self.project(hidden_states, cu_seqlens)
         q, k, v, extras = self.prepare(parts, hidden_states)
-        o, _ = self.recurrence(q.contiguous(), k.contiguous(), v.contiguous(), extras, cu_seqlens=cu_seqlens)
+        # the kernels take strided views (L2 norm reads them in place; the Triton entry points copy what they must)
+        o, _ = self.recurrence(q, k, v, extras, cu_seqlens=cu_seqlens)
         return self.output(self.finish(o, parts), parts)
 
     def state_specs(self, dtype: torch.dtype) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -303,7 +304,7 @@ class LinearMixer(MegatronModule):
         q, k, v, extras = self.prepare(parts, hidden_states)
         if pad is not None:
             k, extras = inference.mask_pads(pad, k, extras)
-        o, new = self.recurrence(q.contiguous(), k.contiguous(), v.contiguous(), extras,
+        o, new = self.recurrence(q, k, v, extras,
                                  initial_state=None if fresh else state, output_final_state=True,
                                  kind="fused_recurrent" if T == 1 and not fresh else "chunk")
         state.copy_(new)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from linear_moe.kernels import mom_combine
+
 
 @dataclass
 class Dispatch:
@@ -121,20 +123,6 @@ class _GatherTokenMemory(torch.autograd.Function):
         return out, None, None
 
 
-class _Permute(torch.autograd.Function):
-    """y = x[idx] for a permutation idx with inverse inv; backward is the inverse gather."""
-
-    @staticmethod
-    def forward(ctx, x, idx, inv):
-        ctx.save_for_backward(inv)
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inv,) = ctx.saved_tensors
-        return grad.index_select(0, inv), None, None
-
-
 def gather_tokens(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
     """Per-token rows [N, ...] to packed slot rows [S, ...] (e.g. the shared q)."""
     return _GatherTokens.apply(x, d.src_tok, d.slot_of)
@@ -145,14 +133,13 @@ def gather_token_memory(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
     return _GatherTokenMemory.apply(x, d.src_tok, d.src_mem)
 
 
-def combine(o: torch.Tensor, weights: torch.Tensor, d: Dispatch) -> torch.Tensor:
+def combine(o: torch.Tensor, weights: torch.Tensor, d: Dispatch, backend: str | None = None) -> torch.Tensor:
     """Packed slot outputs o [S, ...] -> per token sum_j weights[n, j] * o[slot_of[n, j]], [N, ...] in o's dtype.
 
-    weights [N, k'] (the shared memory's column is 1).
+    weights [N, k'] (the shared memory's column is 1). kernels/mom_combine.py: fused in Triton on CUDA.
     """
-    N, kp = d.slot_of.shape
-    per_slot = _Permute.apply(o, d.slot_of.reshape(-1), d.perm).view(N, kp, -1)
-    out = torch.bmm(weights.to(o.dtype).unsqueeze(1), per_slot)
+    N = d.slot_of.shape[0]
+    out = mom_combine.combine(o.reshape(o.shape[0], -1), weights, d.slot_of, backend=backend)
     return out.view(N, *o.shape[1:])
 
 

@@ -1,15 +1,19 @@
 """Causal depthwise short convolution that never mixes tokens across sequence or segment borders.
 
-Packed input ([1, T, C] with `cu_seqlens`) runs as one depthwise conv over the packed tokens; the few outputs near
-each segment start are then corrected (a fixed [segments, W-1] set), so MoM's per-memory segments and packed
-documents see no leakage, with no host sync, no padding and no extra pass over all tokens. Decoding keeps the last
-`kernel_size - 1` inputs of each sequence as the conv state.
+Training on CUDA runs the Triton kernel of kernels/short_conv.py. The torch path here serves CPU, initial states
+(CP halos, decoding) and final states: packed input ([1, T, C] with `cu_seqlens`) runs as one depthwise conv over
+the packed tokens, then the few outputs near each segment start are corrected (a fixed [segments, W-1] set), so
+MoM's per-memory segments and packed documents see no leakage, with no host sync, no padding and no extra pass over
+all tokens. Decoding keeps the last `kernel_size - 1` inputs of each sequence as the conv state.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
+
+from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.short_conv import short_conv
 
 
 class ShortConvolution(nn.Module):
@@ -24,12 +28,21 @@ class ShortConvolution(nn.Module):
         nn.init.uniform_(self.weight, -kernel_size ** -0.5, kernel_size ** -0.5)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                initial_state: torch.Tensor | None = None, output_final_state: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x `[B, T, C]` (or `[1, T, C]` packed with cu_seqlens `[N+1]`) -> (y same shape, state `[N, C, W-1]`).
+                initial_state: torch.Tensor | None = None, output_final_state: bool = False,
+                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x `[B, T, C]` (or `[1, T, C]` packed with cu_seqlens `[N+1]`) -> (y `[B, T, C]`, state `[N, C, W-1]`).
 
-        `initial_state` `[N, C, W-1]` holds the inputs before each sequence (decoding continuation, CP halos).
+        x may also be a strided `[B, T, U, D]` view (C = U * D), as split out of a projection. `initial_state`
+        `[N, C, W-1]` holds the inputs before each sequence (decoding continuation, CP halos). Training (no state in
+        or out) on CUDA runs the Triton kernel (kernels/short_conv.py), which reads x in place; `backend` as there.
         """
+        if initial_state is None and not output_final_state and use_triton(x, backend):
+            if x.shape[2:].numel() != self.channels:
+                raise ValueError(f"ShortConvolution expects {self.channels} channels, got x of shape "
+                                 f"{tuple(x.shape)}")
+            return short_conv(x, self.weight, cu_seqlens=cu_seqlens, activation=self.activation,
+                              backend="triton"), None
+        x = x.reshape(*x.shape[:2], -1)
         B, T, C = x.shape
         W = self.kernel_size
         if C != self.channels:

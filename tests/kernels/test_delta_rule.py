@@ -201,7 +201,7 @@ def test_bad_inputs(fn):
 
 # bf16 inputs and bf16 intermediates (w, u, h, v_new, dv stored in bf16): stated bounds per quantity
 GPU_TOL = {"o": 1.5e-2, "ht": 1.5e-2, "dq": 2e-2, "dk": 3e-2, "dv": 2e-2, "dbeta": 3e-2, "dg": 4e-2, "dh0": 2e-2}
-GPU_BLOCKS = [(64, 64, 64), (64, 32, 32), (64, 128, 64), (32, 64, 32), (64, 64, 128)]
+GPU_BLOCKS = [(64, 64, 64), (64, 32, 32), (32, 64, 32)]
 
 
 def _gpu_reference(inputs, **kw):
@@ -210,8 +210,9 @@ def _gpu_reference(inputs, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=lambda b: "BT{}-BK{}-BV{}".format(*b))
-@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("blocks,gated", [(GPU_BLOCKS[0], False)] + [(b, True) for b in GPU_BLOCKS],
+                         ids=lambda x: "BT{}-BK{}-BV{}".format(*x) if isinstance(x, tuple) else
+                         ("gated" if x else "plain"))
 def test_gpu_chunk_bf16_full_shape(blocks, gated):
     BT, BK, BV = blocks
     inputs = make_inputs(2, 2048, 4, 256, 256, gated, dtype=torch.bfloat16, device="cuda")

@@ -1,0 +1,126 @@
+"""Where the GPU time goes: per-kernel times of our delta-rule kernels under launch/block variants, and per-op times of
+the gated DeltaNet and MoM layers (bf16, hidden 2048, 4 heads x 256, 32768 tokens), from torch.profiler.
+
+Run: python benchmarks/profile_gpu.py [kernels] [layers]   [VARIANTS=default,warps8,...]   (JSON in $OUT when set)
+Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH) and to find layer overheads; the numbers
+to report come from bench_*.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+OUT = os.environ.get("OUT")
+
+
+def cuda_times(fn, iters: int = 5) -> dict[str, float]:
+    """ms per iteration of every CUDA kernel that `fn` launches (summed by kernel name), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.name[:60]] += e.device_time / 1e3 / iters
+    return dict(times)
+
+
+def show(title: str, times: dict[str, float], top: int = 18) -> None:
+    total = sum(times.values())
+    print(f"\n-- {title}: {total:.2f} ms of kernels per iteration")
+    for name, ms in sorted(times.items(), key=lambda x: -x[1])[:top]:
+        print(f"{ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
+
+
+def kernels() -> list[dict]:
+    from linear_moe.kernels.delta_rule import chunk as mod
+
+    rows = []
+    shapes = [(16, 2048, 4, 256), (4, 8192, 16, 128)]
+    variants = [
+        ("default", {}, (64, 64, 64)),
+        ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 64, 64)),
+        ("BK128", {}, (64, 128, 64)),
+        ("BV128", {}, (64, 64, 128)),
+        ("BK128-BV128-w8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 128, 128)),
+        ("stages2", {k: (w, 2 if s is None else s) for k, (w, s) in mod.LAUNCH.items()}, (64, 64, 64)),
+    ]
+    only = os.environ.get("VARIANTS")
+    variants = [v for v in variants if not only or v[0] in only.split(",")]
+    base = dict(mod.LAUNCH)
+    for B, T, H, D in shapes:
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+        for name, launch, (BT, BK, BV) in variants:
+            mod.LAUNCH.clear()
+            mod.LAUNCH.update(base, **launch)
+
+            def fb():
+                o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV)
+                o.backward(torch.ones_like(o))
+
+            try:
+                t = cuda_times(fb)
+            except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
+                print(f"{name} B{B}T{T}H{H}D{D}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            show(f"gated delta rule fwd+bwd {name} B{B}xT{T}xH{H}xD{D}", t, top=8)
+            rows.append({"variant": name, "shape": [B, T, H, D], "ms": sum(t.values()), "kernels": t})
+    mod.LAUNCH.clear()
+    mod.LAUNCH.update(base)
+    print("\n== kernel variants (fwd+bwd kernel ms, gated)")
+    for r in rows:
+        print(f"{r['variant']:18} {'x'.join(map(str, r['shape'])):16} {r['ms']:8.3f}")
+    return rows
+
+
+def layers() -> list[dict]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_mom
+
+    bench_mom.init_megatron()
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones((), device="cuda"))
+    rows = []
+    for name in ("gdn", "mom_4x2_shared"):
+        torch.manual_seed(0)
+        m = bench_mom.LAYERS[name]().to("cuda", torch.bfloat16).train()
+        x = torch.randn(16, 2048, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+        def fb():
+            m(x).float().sum().backward()
+
+        t = cuda_times(fb, iters=3)
+        show(f"layer {name} fwd+bwd B16xT2048", t, top=30)
+        rows.append({"layer": name, "ms": sum(t.values()), "kernels": t})
+    return rows
+
+
+def main() -> None:
+    what = sys.argv[1:] or ["kernels", "layers"]
+    print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__)
+    res = {}
+    if "kernels" in what:
+        res["kernels"] = kernels()
+    if "layers" in what:
+        res["layers"] = layers()
+    if OUT:
+        with open(os.path.join(OUT, "profile_gpu.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

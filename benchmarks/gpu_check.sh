@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run every GPU test, run the benchmarks, print a short table last.
-# Usage (device machine, repo root): bash benchmarks/gpu_check.sh [tests|bench|all] [bench names...]
-# A device call is limited to 10 minutes: run `tests` and `bench` as two calls (fla's first calls autotune for
-# minutes), or name the benchmarks to run, e.g. `bench bench_mom`. TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each of
-# the two test runs and each benchmark. Details land in $OUT.
+# One device call: install the carried wheels, run the GPU tests and the benchmarks, print a short table last.
+# Usage (device machine, repo root): bash benchmarks/gpu_check.sh [tests|bench|all|dual] [bench names...]
+#   tests  the GPU tests (kernels first, in their own run, then the layers)
+#   bench  the named benchmarks (default: all four), one after the other
+#   all    tests, then benchmarks
+#   dual   (2 GPUs) the tests on GPU 1 alongside the benchmarks on GPU 0, then the 340M recipe's 1-GPU, TP2 and CP2
+#          training runs (benchmarks/scale_run.sh) on both
+# A device call is limited to 10 minutes; fla's first calls autotune for minutes. TEST_TIMEOUT / BENCH_TIMEOUT /
+# SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
+# runs. Details land in $OUT.
 set -uo pipefail
 WHAT=${1:-all}
 shift || true
-BENCHES=${*:-bench_delta_rule bench_gla bench_mom bench_decode}
+BENCHES=${*:-bench_mom bench_delta_rule bench_decode bench_gla}
 OUT=${OUT:-/tmp/gpu_check_out}
-mkdir -p "$OUT"
+# $OUT keeps the logs (a device call brings back only a few files); JSON rows and run folders go to WORK
+WORK=/tmp/gpu_check_work
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 SITE=/tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
@@ -17,34 +24,58 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=$SITE
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . \
   || { echo "package install failed"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# Run from a scratch dir so the installed package (with the mapped linear_moe.mixers / .kernels) is the one imported.
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$WORK/gpu.txt"
 REPO=$PWD
-cd /tmp
-rc_tests=skipped
-if [[ $WHAT == all || $WHAT == tests ]]; then
-  # kernels first, in their own run (their report survives a time-out of the layer tests), then the layers
-  rc_tests=0
-  for part in kernels "mixers generation parallel"; do
-    paths=()
+
+run_tests() {
+  # From a scratch dir, so the installed package (with the mapped linear_moe.mixers / .kernels) is the one imported.
+  # Kernels first, in their own run (their report survives a time-out of the layer tests), then the layers.
+  local rc_all=0 part p rc
+  for part in kernels "mixers/test_mom.py generation mixers/test_linear_mixers.py parallel"; do
+    local paths=()
     for p in $part; do paths+=("$REPO/tests/$p"); done
-    timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider --rootdir "$REPO" \
-      "${paths[@]}" 2>&1 | tee -a "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
-    rc=${PIPESTATUS[0]}
-    [[ $rc == 0 ]] || rc_tests=$rc
+    (cd /tmp && timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
+      --rootdir "$REPO" "${paths[@]}") >>"$OUT/gpu_tests.log" 2>&1
+    rc=$?
+    [[ $rc == 0 ]] || rc_all=$rc
   done
-fi
-if [[ $WHAT == all || $WHAT == bench ]]; then
-  # fla's first calls autotune for minutes: give each benchmark a generous limit
+  echo "$rc_all" >"$WORK/gpu_tests.rc"
+}
+
+run_benches() {
+  local b limit
   for b in $BENCHES; do
-    [[ -f $REPO/benchmarks/$b.py ]] && timeout "${BENCH_TIMEOUT:-420}" python3 "$REPO/benchmarks/$b.py" 2>&1 | tee "$OUT/$b.log"
+    limit=TIMEOUT_$b  # e.g. TIMEOUT_bench_mom=120 overrides BENCH_TIMEOUT for one benchmark
+    [[ -f $REPO/benchmarks/$b.py ]] && (cd /tmp && OUT=$WORK timeout "${!limit:-${BENCH_TIMEOUT:-420}}" \
+      python3 "$REPO/benchmarks/$b.py") >"$OUT/$b.log" 2>&1
   done
-fi
+}
+
+case $WHAT in
+  tests) run_tests ;;
+  bench) run_benches ;;
+  all) run_tests; run_benches ;;
+  dual)
+    CUDA_VISIBLE_DEVICES=1 run_tests &
+    CUDA_VISIBLE_DEVICES=0 run_benches
+    wait
+    BUDGET=${SCALE_BUDGET:-240} STEPS=${STEPS:-20} GBS=${GBS:-16} MBS=${MBS:-4} \
+      bash "$REPO/benchmarks/scale_run.sh" 340m --out "$WORK/scale" >"$OUT/scale_run.log" 2>&1
+    cp "$WORK/scale/scale_run.json" "$WORK/scale/loss_curves.png" "$OUT/" 2>/dev/null ;;
+  *) echo "unknown mode '$WHAT': tests, bench, all or dual"; exit 2 ;;
+esac
+
 echo
 echo "== summary"
-cat "$OUT/gpu.txt"
-echo "gpu tests rc=$rc_tests: $(grep -E "^=+ .*(passed|failed)" "$OUT/gpu_tests.log" 2>/dev/null | tr '\n' ' ')"
+cat "$WORK/gpu.txt"
+if [[ -f $OUT/gpu_tests.log ]]; then
+  echo "gpu tests rc=$(cat "$WORK/gpu_tests.rc" 2>/dev/null || echo timeout):"
+  grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed)" "$OUT/gpu_tests.log"
+  grep -E "^E  " "$OUT/gpu_tests.log" | cut -c1-300 | head -n 20
+fi
 for b in $BENCHES; do
-  [[ -f $OUT/$b.log ]] && { echo "-- $b"; tail -n 20 "$OUT/$b.log"; }
+  [[ -f $OUT/$b.log ]] && { echo "-- $b"; grep -vE "Warning|warn" "$OUT/$b.log" | tail -n 16; }
 done
+[[ -f $OUT/scale_run.log ]] && { echo "-- scale_run"; tail -n 14 "$OUT/scale_run.log"; }
+true

@@ -70,7 +70,11 @@ def pretrain_main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from linear_moe.training import pretrain
 
-    result = pretrain(cfg)
+    try:
+        result = pretrain(cfg)
+    except FloatingPointError as e:  # a diverged run: one line, not a traceback
+        print(f"linear-moe-pretrain: error: {e}", file=sys.stderr)
+        return 1
     if rank == 0 and result.evals:
         last = result.evals[max(result.evals)]
         print("final eval: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))

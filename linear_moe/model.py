@@ -1,6 +1,8 @@
 """From the config tree to Megatron objects: the TransformerConfig and a stock GPTModel built from our block spec."""
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
@@ -55,9 +57,12 @@ def transformer_config(cfg: Config, *, cpu: bool | None = None) -> TransformerCo
         use_cpu_initialization=True,
         bias_dropout_fusion=not cpu,
         apply_rope_fusion=False,
-        masked_softmax_fusion=not cpu,
+        # Megatron's fused softmax needs its compiled extension (built with apex / Megatron-LM); without it the
+        # attention forward would fail on import, so the unfused torch softmax is used
+        masked_softmax_fusion=not cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         gradient_accumulation_fusion=False,
-        persist_layer_norm=not cpu,
+        # apex's persistent LayerNorm kernels; Megatron's torch norms (no TE) refuse the flag
+        persist_layer_norm=False,
         variable_seq_lengths=False,
         # Layers differ along the pattern (mixer and FFN kind), so checkpoints key each layer by its global number
         # instead of stacking "same" weights of all layers into one tensor.

@@ -4,6 +4,7 @@ checkpoint. One entry point, `pretrain(cfg)`; the CLI and the tests call it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -106,8 +107,10 @@ def build_chunks(cfg: Config, tc) -> list[DistributedDataParallel]:
     if not cpu.is_cpu_mode():
         for c in chunks:
             c.cuda(torch.cuda.current_device())
+    # check_for_nan_in_grad (GPU; Megatron's check is CUDA-only): a NaN/Inf gradient stops the run at that step
+    # (Megatron-LM's default) instead of being clipped into every parameter. On CPU a non-finite loss stops it.
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, check_for_nan_in_grad=not cpu.is_cpu_mode(),
         use_distributed_optimizer=not cpu.is_cpu_mode())
     wrapped = []
     for i, c in enumerate(chunks):
@@ -406,6 +409,10 @@ def _train(cfg: Config) -> TrainResult:
                             if v:
                                 runlog.writer.add_scalar(f"aux/{name}/layer_{i + 1}", v, step)
                 result.losses[step] = rec["loss"]
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(f"train loss is {rec['loss']} at step {step}: the run diverged; lower "
+                                             "optim.lr or raise optim.warmup_steps, or resume from an earlier "
+                                             "checkpoint")
                 acc, steps_since_log, grad_norms, t_log = {}, 0, [], time.perf_counter()
 
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):

@@ -113,3 +113,23 @@ def test_zoo_block_forward_backward():
     out.square().mean().backward()
     for n, p in block.named_parameters():
         assert p.grad is not None and p.grad.isfinite().all(), n
+
+
+def test_gpu_run_config_builds_without_te_or_apex():
+    """The TransformerConfig of a GPU run (bf16, fusions on where they exist) builds the hybrid model with Megatron's
+    torch norms and softmax when neither Transformer Engine nor apex is installed: no flag asks for their kernels."""
+    import importlib.util
+
+    from linear_moe.config import load_config
+    from linear_moe.model import build_model
+    from linear_moe.model import transformer_config as run_config
+
+    cfg = load_config(None, ["model.hidden_size=32", "model.num_attention_heads=2", "model.ffn_hidden_size=64",
+                             "model.vocab_size=256", "model.layer_pattern=X- *E", "model.num_layers=2",
+                             "model.moe.num_experts=2", "model.moe.ffn_hidden_size=32", "train.precision=bf16",
+                             "model.mixers.mom.head_dim=16"])
+    tc = run_config(cfg, cpu=False)
+    assert tc.bf16 and not tc.persist_layer_norm
+    assert tc.masked_softmax_fusion == (importlib.util.find_spec("scaled_masked_softmax_cuda") is not None)
+    model = build_model(cfg, tc)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -78,3 +78,13 @@ def test_telemetry_accumulates_without_sync_and_resets():
     telemetry.record("mom_memory_load", 3, 2.0)
     assert telemetry.collect() == {("mom_memory_load", 1): (1.5, 2), ("mom_memory_load", 3): (2.0, 1)}
     assert telemetry.collect() == {}
+
+
+def test_diverged_run_stops_with_one_clear_error(tmp_path, capsys):
+    """A non-finite training loss ends the run at that step: exit 1, one line naming the step and the remedy."""
+    rc = pretrain_main([str(demo_config_path()), "train.steps=3", "optim.lr=1e30", "optim.warmup_steps=0",
+                        "train.log_interval=1", f"logging.dir={tmp_path}", "checkpoint.save=null",
+                        "logging.tensorboard=false", "logging.plot=false", "logging.progress=false"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "diverged" in err and "step" in err

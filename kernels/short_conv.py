@@ -29,6 +29,15 @@ def _x_ptrs(x, i_b, o_t, o_c, sxb, sxt, sxu, D: tl.constexpr):
 
 
 @triton.jit
+def _block(T, C, BT: tl.constexpr, BC: tl.constexpr):
+    """This program's (token block, batch row) and its token and channel offsets with their masks."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_c = i_c * BC + tl.arange(0, BC)
+    return i_t, i_b, o_t, o_c, o_t < T, o_c < C
+
+
+@triton.jit
 def _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu,
             D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, USE_SEG: tl.constexpr):
     """[BT, BC] fp32 pre-activation at tokens o_t."""
@@ -50,10 +59,7 @@ def _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu,
 def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu,
                           D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                           USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T, o_c < C
+    _, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
     acc = _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu, D, W, BT, BC, USE_SEG)
     if ACT:
         acc = acc * tl.sigmoid(acc)
@@ -66,10 +72,7 @@ def short_conv_bwd_kernel_dact(x, w, seg, dy, da, T, C, sxb, sxt, sxu,
                                D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                                USE_SEG: tl.constexpr, ACT: tl.constexpr):
     """Gradient of the pre-activation, da = dy * act'(pre), fp32."""
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T, o_c < C
+    _, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
     off = (i_b.to(tl.int64) * T + o_t[:, None]) * C + o_c[None, :]
     m = m_t[:, None] & m_c[None, :]
     b_dy = tl.load(dy + off, mask=m, other=0.0).to(tl.float32)
@@ -85,10 +88,7 @@ def short_conv_bwd_kernel_dx(x, w, seg, da, dx, dw, T, C, NTB, sxb, sxt, sxu,
                              D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                              USE_SEG: tl.constexpr):
     """dx[s] = sum_j w[W-1-j] da[s+j] over targets s+j in s's segment; this tile's share of dw."""
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T, o_c < C
+    i_t, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
     if USE_SEG:
         start = tl.load(seg + i_b * T + o_t, mask=m_t, other=0)
     else:

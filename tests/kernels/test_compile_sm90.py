@@ -12,12 +12,11 @@ import os
 import subprocess
 import sys
 
-import pytest
-import triton
-
 import linear_moe.kernels.delta_rule.chunk as delta
 import linear_moe.kernels.mom_combine as combine
 import linear_moe.kernels.short_conv as conv
+import pytest
+import triton
 
 SMEM_H100 = 232448
 
@@ -74,7 +73,7 @@ def compile_all() -> dict[str, str]:
 
 def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
         pytest.skip("Triton's bundled ptxas is missing: nothing to compile with")
     assert run.returncode == 0, run.stderr[-2000:]

@@ -25,6 +25,13 @@ def use_triton(x: torch.Tensor, backend: str | None) -> bool:
     return backend == "triton"
 
 
+def fit_chunk(chunk_size: int, T: int, minimum: int = 1) -> int:
+    """The torch paths' chunk for sequences of (padded) length T: a power of two no longer than they need (short
+    sequences, such as MoM's per-memory segments, would otherwise pay for a full chunk's [BT, BT] products) and at
+    least `minimum`; the result of the recurrence does not depend on it."""
+    return max(minimum, min(chunk_size, 1 << max(T - 1, 0).bit_length()))
+
+
 def dot_precision(x: torch.Tensor) -> str:
     """`input_precision` of the Triton dots whose operands are fp32: exact for fp32 inputs; for 16-bit inputs one
     tf32 pass (10-bit mantissa, above the 8 bits of the 16-bit tiles such products feed). Three passes (tf32x3) cost

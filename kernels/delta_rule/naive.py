@@ -13,6 +13,7 @@ from linear_moe.kernels.common import (
     check_per_step,
     check_qkv,
     check_state,
+    fit_chunk,
     pack_varlen,
     segments,
     unpack_varlen,
@@ -80,12 +81,6 @@ def naive_recurrent_delta_rule(
         finals.append(S)
     o = torch.stack([torch.stack(row) if T else vf.new_zeros(0, H, V) for row in outs]).to(v.dtype)
     return o, (torch.stack(finals) if output_final_state else None)
-
-
-def _fit(chunk_size: int, T: int) -> int:
-    """The chunk for sequences of (padded) length T: no longer than they need (short sequences, such as MoM's
-    per-memory segments, would otherwise pay for a full chunk's [BT, BT] products); the result is the same."""
-    return max(1, min(chunk_size, 1 << max(T - 1, 0).bit_length()))
 
 
 def _chunk_fixed(q, k, v, beta, g, h0, chunk_size: int):
@@ -169,9 +164,9 @@ def torch_chunk_delta_rule(
     gf = g.float() if g is not None else None
     h0 = initial_state.float() if initial_state is not None else None
     if cu_seqlens is None:
-        o, ht = _chunk_fixed(qf, kf, vf, bf, gf, h0, _fit(chunk_size, qf.shape[1]))
+        o, ht = _chunk_fixed(qf, kf, vf, bf, gf, h0, fit_chunk(chunk_size, qf.shape[1]))
         return o.to(v.dtype), (ht if output_final_state else None)
     # all segments as one zero-padded batch (padding at a segment's end leaves its state alone)
     (qp, kp, vp, bp, gp), index = unpack_varlen([qf, kf, vf, bf, gf], cu_seqlens)
-    o, ht = _chunk_fixed(qp, kp, vp, bp, gp, h0, _fit(chunk_size, qp.shape[1]))
+    o, ht = _chunk_fixed(qp, kp, vp, bp, gp, h0, fit_chunk(chunk_size, qp.shape[1]))
     return pack_varlen(o, index).to(v.dtype), (ht if output_final_state else None)

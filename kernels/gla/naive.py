@@ -14,6 +14,7 @@ from linear_moe.kernels.common import (
     check_per_step,
     check_qkv,
     check_state,
+    fit_chunk,
     pack_varlen,
     segments,
     unpack_varlen,
@@ -176,7 +177,7 @@ def torch_chunk_gla(
     S = torch.zeros(N * H, K, V, device=q.device) if initial_state is None else \
         initial_state.float().reshape(N * H, K, V)
     if L:
-        o, S = _chunk_one(fold(qf), fold(kf), fold(vf), fold(gf), scale, S, chunk_size, 16)
+        o, S = _chunk_one(fold(qf), fold(kf), fold(vf), fold(gf), scale, S, fit_chunk(chunk_size, L, 16), 16)
     else:
         o = qf.new_zeros(0, N * H, V)
     o = o.reshape(L, N, H, V).transpose(0, 1)

@@ -149,10 +149,51 @@ def _factory(fn):
     return wrapped
 
 
+def _uneven_all_gather(tensor_list, tensor, group=None, async_op=False):
+    """all_gather into pieces of different lengths along dim 0 (Megatron's SP gather of the MoE dispatcher's
+    per-rank tokens), which gloo refuses: gather zero-padded pieces of the longest length, then trim."""
+    lens = [t.shape[0] for t in tensor_list]
+    if len(set(lens)) == 1:
+        return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    padded = tensor.new_zeros(max(lens), *tensor.shape[1:])
+    padded[:tensor.shape[0]] = tensor
+    bufs = [torch.empty_like(padded) for _ in lens]
+    torch.distributed.all_gather(bufs, padded, group=group)
+    for out, buf, n in zip(tensor_list, bufs, lens, strict=True):
+        out.copy_(buf[:n])
+    return _Done() if async_op else None
+
+
+def _uneven_reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+    """reduce_scatter of pieces of different lengths (the backward of the gather above), which gloo refuses: sum the
+    zero-padded pieces over the group, keep this rank's."""
+    lens = [t.shape[0] for t in input_list]
+    rank = torch.distributed.get_rank(group)
+    if len(set(lens)) == 1:
+        return torch.distributed.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+    stacked = input_list[0].new_zeros(len(lens), max(lens), *output.shape[1:])
+    for i, t in enumerate(input_list):
+        stacked[i, :lens[i]] = t
+    torch.distributed.all_reduce(stacked, op=op, group=group)
+    output.copy_(stacked[rank, :lens[rank]])
+    return _Done() if async_op else None
+
+
+class _Done:
+    """The handle of a collective that has already completed."""
+
+    def wait(self):
+        return True
+
+
 def _torch_namespace() -> types.ModuleType:
-    """`torch` for the listed Megatron modules: CUDA device specs in tensor factories become CPU."""
+    """`torch` for the listed Megatron modules: CUDA device specs in tensor factories become CPU, and the collectives
+    gloo cannot do on uneven pieces are done on padded ones."""
     ns = _FallThrough("torch", torch)
     ns.cuda = _cuda_namespace()
+    ns.distributed = _FallThrough("torch.distributed", torch.distributed)
+    ns.distributed.all_gather = _uneven_all_gather
+    ns.distributed.reduce_scatter = _uneven_reduce_scatter
     for name in ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like"):
         setattr(ns, name, _factory(getattr(torch, name)))
     return ns

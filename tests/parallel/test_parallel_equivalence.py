@@ -1,5 +1,6 @@
 """Multi-process gloo runs on CPU equal a single process with the same weights, step by step over several optimizer
-steps: TP2 (every mixer family), TP2+SP, DP2, CP2, PP2, PP2 with virtual stages, TP2xPP2 and EP2. Runs whose ranks
+steps: TP2 (every mixer family), TP2+SP, DP2, CP2, PP2, PP2 with virtual stages, TP2xPP2, EP2 and EP2 inside
+TP2+SP. Runs whose ranks
 draw other initial weights than one process (pipeline stages seed their own streams, EP ranks draw only their own
 experts) start from a world-size-1 checkpoint of step 2. Checkpoints reshard: a TP2 checkpoint resumes as PP2, a
 CP2 checkpoint as one process, the world-size-1 checkpoint as EP2 (experts split over the ranks, the optimizer split
@@ -135,6 +136,15 @@ def test_cp2_checkpoint_resumes_as_one_process(reference_linear, cp2_run, tmp_pa
     got = run_local([f"train.steps={STEPS}", f"logging.dir={tmp_path / 'run'}", f"checkpoint.load={ck}",
                      f"model.layer_pattern={linear_pattern()}"]).losses
     _assert_close(got, _after(reference_linear[0], 2))
+
+
+def test_ep2_tp2_sp_matches_single_process_from_same_weights(reference, tmp_path):
+    """Experts over 2 ranks inside a TP2 + SP group of 4 processes: the all-to-all dispatcher gathers the sequence
+    shards of its TP group in uneven pieces (tokens per expert rank)."""
+    want, ck = reference
+    got = _run(4, tmp_path, f"checkpoint.load={ck}", "parallel.expert=2", "parallel.tensor=2",
+               "parallel.sequence_parallel=true")
+    _assert_close(got, _after(want, 2))
 
 
 def test_ep2_matches_single_process_from_same_weights(reference, ep2_run):

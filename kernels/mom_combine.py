@@ -62,8 +62,8 @@ class CombineFunction(torch.autograd.Function):
         o, weights, slot_of = ctx.saved_tensors
         D = o.shape[1]
         N, KP = slot_of.shape
-        # slots no token points at (none exist by construction) would keep this zero
-        do = torch.zeros_like(o)
+        # every slot is some (token, j)'s, so the kernel writes all of do
+        do = torch.empty_like(o)
         dw = torch.empty(N, KP, dtype=torch.float32, device=o.device)
         BD = min(triton.next_power_of_2(D), 1024)
         combine_bwd_kernel[(N,)](o, weights, slot_of, dout.contiguous(), do, dw, D, KP=KP, BD=BD)
@@ -79,9 +79,10 @@ def naive_combine(o: torch.Tensor, weights: torch.Tensor, slot_of: torch.Tensor)
 
 def combine(o: torch.Tensor, weights: torch.Tensor, slot_of: torch.Tensor, backend: str | None = None
             ) -> torch.Tensor:
-    """o [S, D] packed slot outputs, weights [N, k'], slot_of [N, k'] (each slot index used once) -> [N, D]."""
-    if o.dim() != 2 or weights.dim() != 2 or slot_of.shape != weights.shape:
-        raise ValueError(f"combine takes o [S, D], weights and slot_of [N, k'], got {tuple(o.shape)}, "
+    """o [S, D] packed slot outputs, weights [N, k'], slot_of [N, k'] (a permutation of the S = N * k' slots) ->
+    [N, D]."""
+    if o.dim() != 2 or weights.dim() != 2 or slot_of.shape != weights.shape or o.shape[0] != slot_of.numel():
+        raise ValueError(f"combine takes o [S, D], weights and slot_of [N, k'] with S = N * k', got {tuple(o.shape)}, "
                          f"{tuple(weights.shape)}, {tuple(slot_of.shape)}")
     if use_triton(o, backend):
         return CombineFunction.apply(o, weights, slot_of)

@@ -301,17 +301,10 @@ class MixtureOfMemories(LinearMixer):
         b * k' rows and scatters them back: other memories' states are not touched. No host sync, no Python loop.
         The capacity limit (a training option) is not applied when decoding.
         """
-        if self.cp_group is not None or self.config.sequence_parallel:
-            raise NotImplementedError("mixer 'mom': decoding supports neither context nor sequence parallelism")
         M, Mt = self.num_memories, self.total_memories
         H, K, V = self.local_heads, self.head_k_dim, self.head_v_dim
+        hidden_states, pad, (conv_state, state), fresh = self.decode_inputs(hidden_states, inference_context)
         T, B, _ = hidden_states.shape
-        pad = inference.pad_mask(inference_context, B, T)
-        if pad is not None:
-            # zero input at pads: their conv inputs and projections vanish (see inference.mask_pads for the gates)
-            hidden_states = hidden_states.masked_fill(pad.t()[:, :, None], 0)
-        (conv_state, state), fresh = inference.layer_state(
-            inference_context, self.layer_number, B, self.state_specs(hidden_states.dtype), hidden_states.device)
         conv_rows, state_rows = conv_state.reshape(B * Mt, *conv_state.shape[2:]), state.reshape(B * Mt, H, K, V)
         logits = self.router_logits(hidden_states)
         q, gate, mem, T, B = self.project_tokens(hidden_states)

@@ -287,19 +287,27 @@ class LinearMixer(MegatronModule):
         W1 = self.conv.kernel_size - 1 if self.conv is not None else 0
         return [((C, W1), dtype), ((self.local_heads, self.head_k_dim, self.head_v_dim), torch.float32)]
 
-    def decode(self, hidden_states: Tensor, inference_context) -> tuple[Tensor, Tensor | None]:
-        """Cached forward of `[s, b, h]` tokens: prefill at sequence offset 0, else continue from the stored state
-        (modules/inference.py describes the state and the pad mask)."""
+    def decode_inputs(self, hidden_states: Tensor, inference_context):
+        """What every mixer's `decode` starts from: (`[s, b, h]` input with pads zeroed, pad mask `[b, s]` or None,
+        this layer's state tensors (`state_specs`), fresh: whether this is the prefill)."""
         if self.cp_group is not None or self.config.sequence_parallel:
             raise NotImplementedError(f"mixer {type(self).mixer_name!r}: decoding supports neither context nor "
                                       "sequence parallelism")
         T, B, _ = hidden_states.shape
         pad = inference.pad_mask(inference_context, B, T)
         if pad is not None:
-            # zero input at pads: the conv then sees zeros there, as before a sequence start
+            # zero input at pads: the conv sees zeros there, as before a sequence start, and their projections
+            # vanish (see inference.mask_pads for the gates)
             hidden_states = hidden_states.masked_fill(pad.t()[:, :, None], 0)
-        (conv_state, state), fresh = inference.layer_state(
+        states, fresh = inference.layer_state(
             inference_context, self.layer_number, B, self.state_specs(hidden_states.dtype), hidden_states.device)
+        return hidden_states, pad, states, fresh
+
+    def decode(self, hidden_states: Tensor, inference_context) -> tuple[Tensor, Tensor | None]:
+        """Cached forward of `[s, b, h]` tokens: prefill at sequence offset 0, else continue from the stored state
+        (modules/inference.py describes the state and the pad mask)."""
+        hidden_states, pad, (conv_state, state), fresh = self.decode_inputs(hidden_states, inference_context)
+        T = hidden_states.shape[0]
         parts = self.project(hidden_states, None, conv_state if self.conv is not None else None, fresh)
         q, k, v, extras = self.prepare(parts, hidden_states)
         if pad is not None:

@@ -36,17 +36,14 @@ class ShortConvolution(nn.Module):
         `[N, C, W-1]` holds the inputs before each sequence (decoding continuation, CP halos). Training (no state in
         or out) on CUDA runs the Triton kernel (kernels/short_conv.py), which reads x in place; `backend` as there.
         """
+        if x.shape[2:].numel() != self.channels:
+            raise ValueError(f"ShortConvolution expects {self.channels} channels, got x of shape {tuple(x.shape)}")
         if initial_state is None and not output_final_state and use_triton(x, backend):
-            if x.shape[2:].numel() != self.channels:
-                raise ValueError(f"ShortConvolution expects {self.channels} channels, got x of shape "
-                                 f"{tuple(x.shape)}")
             return short_conv(x, self.weight, cu_seqlens=cu_seqlens, activation=self.activation,
                               backend="triton"), None
         x = x.reshape(*x.shape[:2], -1)
         B, T, C = x.shape
         W = self.kernel_size
-        if C != self.channels:
-            raise ValueError(f"ShortConvolution expects {self.channels} channels, got x of shape {tuple(x.shape)}")
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"with cu_seqlens x must be packed as [1, T, C], got B={B}")
         w = self.weight.to(x.dtype)

@@ -88,8 +88,6 @@ def test_decode_matches_forward(name, pattern, overrides, T):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,pattern,overrides", MIXERS, ids=[m[0] for m in MIXERS])
 def test_gpu_bf16_decode_matches_forward(name, pattern, overrides):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: bf16 decoding on the Triton kernels")
     # head_dim 64 (the Triton tiles want >= 16), 300 tokens: prefill through the chunked kernels, steps through the
     # fused recurrent ones
     dims = ("model.hidden_size=256", "model.num_attention_heads=4",

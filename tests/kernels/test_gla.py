@@ -204,8 +204,6 @@ def _check_gpu(got, ref, what):
 @pytest.mark.parametrize("mode,blocks", [(m, GPU_BLOCKS[0]) for m in MODES] + [(MODES[-1], b) for b in GPU_BLOCKS[1:]],
                          ids=lambda x: f"BT{x['BT']}-BK{x['BK']}-BV{x['BV']}" if isinstance(x, dict) else str(x))
 def test_gpu_bf16_full_shape(mode, blocks, monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: bf16 Triton kernels at full shapes")
     monkeypatch.setattr(chunk_mod, "BLOCK_SIZES", blocks)
     B, T, H, D = 2, 2048, 4, 256
     q, k, v, g, h0, do, dht = make_inputs(mode, B, T, H, D, D, device="cuda")
@@ -218,8 +216,6 @@ def test_gpu_bf16_full_shape(mode, blocks, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_bf16_varlen(mode):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: bf16 Triton kernels at full shapes")
     cu = torch.tensor([0, 1000, 1000, 3000, 3001, 4096], device="cuda")
     N, T, H, D = 5, 4096, 4, 128
     q, k, v, g, h0, do, dht = make_inputs(mode, 1, T, H, D, D, N=N, device="cuda")

@@ -19,14 +19,21 @@ from torch.profiler import ProfilerActivity, profile
 OUT = os.environ.get("OUT")
 
 
-def cuda_times(fn, iters: int = 5) -> dict[str, float]:
-    """ms per iteration of every CUDA kernel that `fn` launches (summed by kernel name), after one warm-up call."""
+def cuda_times(fn, iters: int = 5, ops: bool = False) -> dict[str, float]:
+    """ms per iteration of every CUDA kernel that `fn` launches (summed by kernel name), after one warm-up call.
+
+    ops: also print the torch ops (with input shapes) that own the most CUDA time, to tell which copy or cat it is."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if ops else [])
+    with profile(activities=acts, record_shapes=ops) as prof:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
+    if ops:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=25,
+                                                                  max_name_column_width=40,
+                                                                  max_shapes_column_width=90))
     times: dict[str, float] = defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -103,7 +110,7 @@ def layers() -> list[dict]:
         def fb():
             m(x).float().sum().backward()
 
-        t = cuda_times(fb, iters=3)
+        t = cuda_times(fb, iters=3, ops=True)
         show(f"layer {name} fwd+bwd B16xT2048", t, top=30)
         rows.append({"layer": name, "ms": sum(t.values()), "kernels": t})
     return rows

@@ -13,8 +13,9 @@ The forward pass is sync-free (no host reads, fixed shapes):
    shapes, and its head-major layout keeps TP and checkpoints on the stock rules (see LinearMixer).
 2. `mom_routing.build_dispatch` orders the routed slots by (sequence, memory) with one stable sort and builds
    `cu_seqlens` of a fixed size on the device (sequences x (M + 1) segments; empty ones allowed).
-3. q and each slot's own memory projections are gathered into that packed order; the short conv and ONE varlen
-   kernel call run over all routed and shared segments together.
+3. One fused dispatch (kernels/mom_dispatch.py) copies q and each slot's own memory projections into that packed
+   order (its backward writes the in_proj gradient once, no zero fill); the short conv and ONE varlen kernel call
+   run over all routed and shared segments together.
 4. The outputs are combined by a weighted gather-sum per token (deterministic backward, no atomics).
 
 Load balancing: Switch loss `M * sum_i f_i * P_i` scaled by aux_loss_coeff (optionally a router z-loss), attached
@@ -29,6 +30,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from linear_moe.kernels import mom_dispatch
 from linear_moe.kernels.common import use_triton
 from linear_moe.kernels.norms import l2norm
 from linear_moe.kernels.short_conv import short_conv
@@ -138,41 +140,42 @@ class MixtureOfMemories(LinearMixer):
         """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
         return F.linear(hidden_states.float(), self.router.weight.float())
 
-    def project_tokens(self, hidden_states: Tensor) -> tuple[Tensor, Tensor | None, Tensor, int, int]:
-        """in_proj of every token (sequence gathered under SP).
-
-        Returns q `[N, H, K]`, gate `[N, H, V]` or None, memory parts `[N, H, M + 1, D_mem]`, T, B; N = T * B
-        tokens in Megatron's [s, b] order.
-        """
+    def project_tokens(self, hidden_states: Tensor) -> tuple[Tensor, int, int]:
+        """in_proj of every token (sequence gathered under SP) -> units `[N, H, unit_width]` (`unit_sections`), T,
+        B; N = T * B tokens in Megatron's [s, b] order."""
         x, _ = self.in_proj(hidden_states)
         T, B, _ = x.shape
-        H, K, V = self.local_heads, self.head_k_dim, self.head_v_dim
-        x = x.view(T * B, H, self.unit_width)
-        gw = V if self.mixer_config.use_output_gate else 0
-        dm = sum(w for _, w in self.memory_sections())
-        q, gate, mem = x.split([K, gw, self.total_memories * dm], dim=-1)
-        return q, (gate if gw else None), mem.view(T * B, H, self.total_memories, dm), T, B
+        return x.view(T * B, self.local_heads, self.unit_width), T, B
 
-    def memory_inputs(self, q: Tensor, mem: Tensor, cu_seqlens: Tensor | None = None,
+    def dispatch_tokens(self, x: Tensor, slot_of: Tensor, memories: Tensor) -> mom_dispatch.DispatchedTokens:
+        """Units `[N, H, unit_width]` -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`, k and v
+        `[S, H, K + V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory included)."""
+        return mom_dispatch.dispatch(x, slot_of, memories, heads=self.local_heads, k_dim=self.head_k_dim,
+                                     v_dim=self.head_v_dim, num_memories=self.total_memories,
+                                     has_gate=self.mixer_config.use_output_gate, has_beta=self.op == "delta_rule",
+                                     backend=self.backend)
+
+    def memory_inputs(self, q: Tensor, kv: Tensor, a: Tensor, beta: Tensor | None, cu_seqlens: Tensor | None = None,
                       conv_state: Tensor | None = None, fresh: bool = True) -> tuple[Tensor, ...]:
-        """Packed slots -> kernel inputs: q `[S, H, K]` and memory rows `[S, H, D_mem]` of segments `cu_seqlens`
-        (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay, beta or None.
+        """Packed slots -> kernel inputs: q `[S, H, K]`, k and v `[S, H, K + V]`, a and beta (or None) `[S, H]` of
+        segments `cu_seqlens` (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay,
+        beta or None.
 
         Decoding passes `conv_state` `[segments, C, W-1]`, continued from (zeros when `fresh`) and overwritten; with
         `cu_seqlens` None each slot is then its own segment of one token (a decoding step)."""
         K, V = self.head_k_dim, self.head_v_dim
         S, H = q.shape[:2]
         if self.conv is not None and conv_state is None and self.cp_group is None and use_triton(q, self.backend):
-            # training on the GPU: the Triton conv reads q and the memory rows in place, no concatenated copy
+            # training on the GPU: the Triton conv reads q and k, v as dispatched, no concatenated copy
             w = self.conv.weight.view(H, 2 * K + V, -1)
             act = self.conv.activation
             qc = short_conv(q[None], w[:, :K].reshape(H * K, -1), cu_seqlens=cu_seqlens, activation=act,
                             backend="triton")
-            kv = short_conv(mem[None, ..., :K + V], w[:, K:].reshape(H * (K + V), -1), cu_seqlens=cu_seqlens,
+            kv = short_conv(kv[None], w[:, K:].reshape(H * (K + V), -1), cu_seqlens=cu_seqlens,
                             activation=act, backend="triton").view(1, S, H, K + V)
             q, (k, v) = qc.view(1, S, H, K), kv.split([K, V], dim=-1)
-            return self.memory_gates(q, k, v, mem)
-        qkv = torch.cat([q, mem[..., :K + V]], dim=-1).reshape(1, S, H * (2 * K + V))
+            return self.memory_gates(q, k, v, a, beta)
+        qkv = torch.cat([q, kv], dim=-1).reshape(1, S, H * (2 * K + V))
         if self.conv is not None and conv_state is not None:
             if cu_seqlens is None:
                 y, new = self.conv.step(qkv[0], conv_state)
@@ -190,14 +193,13 @@ class MixtureOfMemories(LinearMixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
-        return self.memory_gates(q, k, v, mem)
+        return self.memory_gates(q, k, v, a, beta)
 
-    def memory_gates(self, q: Tensor, k: Tensor, v: Tensor, mem: Tensor) -> tuple[Tensor, ...]:
-        """Convolved q, k, v `[1, S, H, D]` and the memory rows -> L2-normalised q, k, v, log decay g, beta or None."""
-        K, V = self.head_k_dim, self.head_v_dim
-        a = mem[..., K + V].float()
-        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
-        beta = mem[..., K + V + 1].float().sigmoid()[None] if self.op == "delta_rule" else None
+    def memory_gates(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None) -> tuple[Tensor, ...]:
+        """Convolved q, k, v `[1, S, H, D]`, a and beta (or None) `[S, H]` -> L2-normalised q, k, v, log decay g,
+        beta (sigmoid) or None."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        beta = beta.float().sigmoid()[None] if beta is not None else None
         return l2norm(q, backend=self.backend), l2norm(k, backend=self.backend), v.contiguous(), g[None], beta
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, cu_seqlens: Tensor) -> Tensor:
@@ -261,9 +263,9 @@ class MixtureOfMemories(LinearMixer):
         else:
             # the heads of every TP rank use these logits: their gradient must be summed over ranks
             logits = tensor_parallel.copy_to_tensor_model_parallel_region(logits_local, group=self.tp_group)
-        q, gate, mem, T, B = self.project_tokens(hidden_states)
+        x, T, B = self.project_tokens(hidden_states)
         N = T * B
-        seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, q.device)
+        seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, x.device)
         probs, weights, memories = routing.route(logits.reshape(N, M), self.topk)
         capacity = None
         if mc.capacity_factor is not None:
@@ -272,8 +274,8 @@ class MixtureOfMemories(LinearMixer):
         if d.keep is not None:
             weights = routing.renormalise_kept(weights, d.keep)
 
-        qk, kk, vk, g, beta = self.memory_inputs(routing.gather_tokens(q, d), routing.gather_token_memory(mem, d),
-                                                 d.cu_seqlens)
+        gate, *slots = self.dispatch_tokens(x, d.slot_of, d.memories)
+        qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens)
         o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
         if self.shared:
             weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
@@ -307,7 +309,7 @@ class MixtureOfMemories(LinearMixer):
         T, B, _ = hidden_states.shape
         conv_rows, state_rows = conv_state.reshape(B * Mt, *conv_state.shape[2:]), state.reshape(B * Mt, H, K, V)
         logits = self.router_logits(hidden_states)
-        q, gate, mem, T, B = self.project_tokens(hidden_states)
+        x, T, B = self.project_tokens(hidden_states)
         N = T * B
         _, weights, memories = routing.route(logits.reshape(N, M), self.topk)
         if self.shared:
@@ -316,11 +318,13 @@ class MixtureOfMemories(LinearMixer):
             # rows b * M_tot + memory of the routed memories and the shared one; distinct per token
             mems = torch.cat([memories, memories.new_full((B, 1), M)], 1) if self.shared else memories
             kp = mems.shape[1]
-            tok = torch.arange(B, device=q.device).repeat_interleave(kp)
+            tok = torch.arange(B, device=x.device).repeat_interleave(kp)
             rows = tok * Mt + mems.reshape(-1)
             cs = conv_rows.index_select(0, rows)
-            qk, kk, vk, g, beta = self.memory_inputs(q.index_select(0, tok), mem[tok, :, mems.reshape(-1)], None,
-                                                     conv_state=cs if self.conv is not None else None, fresh=False)
+            # slots in token order: slot b * k' + j is token b's j-th memory
+            gate, *slots = self.dispatch_tokens(x, torch.arange(B * kp, device=x.device).view(B, kp), mems)
+            qk, kk, vk, g, beta = self.memory_inputs(*slots, None, conv_state=cs if self.conv is not None else None,
+                                                     fresh=False)
             if self.conv is not None:
                 conv_rows.index_copy_(0, rows, cs)
             extras = {"g": g, "beta": beta} if beta is not None else {"g": g}
@@ -335,10 +339,10 @@ class MixtureOfMemories(LinearMixer):
             state_rows.index_copy_(0, rows, new)
             o = torch.bmm(weights.to(o.dtype).unsqueeze(1), o.reshape(B, kp, H * V)).view(B, H, V)
         else:
-            seq_id = torch.arange(N, device=q.device) % B
+            seq_id = torch.arange(N, device=x.device) % B
             d = routing.build_dispatch(memories, seq_id, B, M, self.shared)
-            qk, kk, vk, g, beta = self.memory_inputs(routing.gather_tokens(q, d), routing.gather_token_memory(mem, d),
-                                                     d.cu_seqlens, conv_state=conv_rows if self.conv is not None
+            gate, *slots = self.dispatch_tokens(x, d.slot_of, d.memories)
+            qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens, conv_state=conv_rows if self.conv is not None
                                                      else None, fresh=fresh)
             extras = {"beta": beta} if beta is not None else {}
             if pad is not None:

@@ -6,8 +6,9 @@ of fixed size. The number of segments is fixed (sequences x memories, the shared
 routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a fixed shape and everything
 stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
 
-Data moves through three small autograd functions whose backward passes are gathers or plain index copies (no atomic
-accumulation), so they are deterministic.
+Data moves through kernels/mom_dispatch.py (tokens into the packed slots) and kernels/mom_combine.py (slot outputs
+back to tokens), fused in Triton on CUDA, whose backward passes write each element once (no atomic accumulation), so
+they are deterministic.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ class Dispatch:
     """[S] flat slot index (token * k' + j) of each packed position (the inverse of slot_of)."""
     src_tok: torch.Tensor
     """[S] token of each packed position."""
-    src_mem: torch.Tensor
-    """[S] memory of each packed position (num_memories for the shared memory)."""
+    memories: torch.Tensor
+    """[N, k'] memory of slot (token, j) (column k = num_memories, the shared memory, when there is one)."""
     cu_seqlens: torch.Tensor
     """[num_segments + 1] int32 segment offsets into the packed order; empty segments are allowed."""
     load: torch.Tensor
@@ -86,51 +87,8 @@ def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, 
         # beyond capacity, in order of arrival: the tail of the group, so the kept head stays one contiguous segment
         dropped = pos >= cap[sorted_key]
         keep = (~dropped)[slot_of[:, :k]]
-    return Dispatch(slot_of=slot_of, perm=perm, src_tok=perm // kp, src_mem=memories.reshape(S)[perm],
+    return Dispatch(slot_of=slot_of, perm=perm, src_tok=perm // kp, memories=memories,
                     cu_seqlens=cu.to(torch.int32), load=load, keep=keep)
-
-
-class _GatherTokens(torch.autograd.Function):
-    """x [N, ...] -> x[src_tok] [S, ...]; backward sums each token's k' slot gradients by a gather (no atomics)."""
-
-    @staticmethod
-    def forward(ctx, x, src_tok, slot_of):
-        ctx.save_for_backward(slot_of)
-        return x.index_select(0, src_tok)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (slot_of,) = ctx.saved_tensors
-        N, kp = slot_of.shape
-        return grad.index_select(0, slot_of.reshape(-1)).view(N, kp, *grad.shape[1:]).sum(1), None, None
-
-
-class _GatherTokenMemory(torch.autograd.Function):
-    """x [N, H, M_tot, D] -> x[src_tok, :, src_mem] [S, H, D]; each (token, memory) pair is taken at most once."""
-
-    @staticmethod
-    def forward(ctx, x, src_tok, src_mem):
-        ctx.save_for_backward(src_tok, src_mem)
-        ctx.shape = x.shape
-        return x[src_tok, :, src_mem]
-
-    @staticmethod
-    def backward(ctx, grad):
-        src_tok, src_mem = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        # pairs are unique, so a plain (non-accumulating) index_put is exact and deterministic
-        out[src_tok, :, src_mem] = grad
-        return out, None, None
-
-
-def gather_tokens(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
-    """Per-token rows [N, ...] to packed slot rows [S, ...] (e.g. the shared q)."""
-    return _GatherTokens.apply(x, d.src_tok, d.slot_of)
-
-
-def gather_token_memory(x: torch.Tensor, d: Dispatch) -> torch.Tensor:
-    """Per-(token, head, memory) rows [N, H, M_tot, D] to packed slot rows [S, H, D] (each memory's projections)."""
-    return _GatherTokenMemory.apply(x, d.src_tok, d.src_mem)
 
 
 def combine(o: torch.Tensor, weights: torch.Tensor, d: Dispatch, backend: str | None = None) -> torch.Tensor:

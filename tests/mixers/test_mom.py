@@ -56,7 +56,10 @@ def reference_forward(layer, x, cu_docs=None, seg_kernel=None):
     probs = logits.softmax(-1)
     w, e = probs.topk(k, dim=-1)
     w = w / w.sum(-1, keepdim=True)
-    q, gate, mem, _, _ = layer.project_tokens(x)
+    units, _, _ = layer.project_tokens(x)
+    # the unit layout split by name (q, g, then k{m}, v{m}, a{m}, beta{m} per memory), independent of the dispatch
+    parts = dict(zip(layer.section_names, units.split(layer.section_widths, dim=-1)))
+    q, gate = parts["q"], parts.get("g")
     if cu_docs is None:
         seqs = [[t * B + b for t in range(T)] for b in range(B)]
     else:
@@ -86,7 +89,9 @@ def reference_forward(layer, x, cu_docs=None, seg_kernel=None):
         if not sel:
             continue
         idx = torch.tensor([n for n, _ in sel], device=x.device)
-        qs, ks, vs, g, beta = layer.memory_inputs(q[idx], mem[idx, :, m])
+        kv = torch.cat([parts[f"k{m}"], parts[f"v{m}"]], dim=-1)[idx]
+        beta = parts[f"beta{m}"][idx, :, 0] if f"beta{m}" in parts else None
+        qs, ks, vs, g, beta = layer.memory_inputs(q[idx], kv, parts[f"a{m}"][idx, :, 0], beta)
         extras = {"beta": beta} if beta is not None else {}
         o, _ = fn(qs, ks, vs, g=g, **extras, scale=layer.scale)
         wt = torch.stack([w[n, j] if j is not None else w.new_ones(()) for n, j in sel])
@@ -236,7 +241,8 @@ def test_dispatch_bookkeeping():
     S = N * (k + 1)
     assert int(d.cu_seqlens[-1]) == S
     assert torch.equal(d.slot_of.reshape(-1)[d.perm], torch.arange(S))
-    key = seq[d.src_tok] * (M + 1) + d.src_mem
+    assert torch.equal(d.memories, torch.cat([mem, torch.full((N, 1), M)], 1))
+    key = seq[d.src_tok] * (M + 1) + d.memories.reshape(-1)[d.perm]
     assert (key[1:] >= key[:-1]).all()
     same = key[1:] == key[:-1]
     assert (d.src_tok[1:][same] > d.src_tok[:-1][same]).all()
@@ -342,8 +348,8 @@ def test_gpu_forward_backward_has_no_host_sync():
 
 @pytest.mark.parametrize("kind", ["gated_delta", "gla"])
 def test_triton_path_equals_torch_path(kind):
-    """The GPU path (Triton conv read in place, fused L2 norm, one varlen kernel, fused combine), run under the
-    Triton interpreter on CPU, equals the torch path: output and every gradient, fp32."""
+    """The GPU path (fused dispatch, Triton conv read in place, fused L2 norm, one varlen kernel, fused combine), run
+    under the Triton interpreter on CPU, equals the torch path: output and every gradient, fp32."""
     torch.manual_seed(0)
     layer = build(hidden=64, heads=2, head_dim=16, memory_kind=kind, backend="triton")
     x = torch.randn(21, 2, 64, requires_grad=True)

@@ -8,7 +8,7 @@
 #          training runs (benchmarks/scale_run.sh) on both
 # A device call is limited to 10 minutes; fla's first calls autotune for minutes. TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
-# runs. Details land in $OUT.
+# runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
 set -uo pipefail
 WHAT=${1:-all}
 shift || true
@@ -36,6 +36,7 @@ run_tests() {
     local paths=()
     for p in $part; do paths+=("$REPO/tests/$p"); done
     (cd /tmp && timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
+      -n "${TEST_WORKERS:-4}" \
       --rootdir "$REPO" "${paths[@]}") >>"$OUT/gpu_tests.log" 2>&1
     rc=$?
     [[ $rc == 0 ]] || rc_all=$rc

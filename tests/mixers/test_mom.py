@@ -322,9 +322,9 @@ def test_gpu_bf16_matches_fp32_reference():
             aux = lay.mixer_config.aux_loss_coeff * balance
         ((y.float() * R).sum() + aux).backward()
         outs[name] = {"out": y.detach(), "input": xi.grad, **{n: p.grad for n, p in lay.named_parameters()}}
-    for n in outs["ref32"]:
-        e_fast, e_ref = rel(outs["fast"][n], outs["ref32"][n]), rel(outs["ref16"][n], outs["ref32"][n])
-        assert e_fast <= 2 * e_ref + 1e-3, (n, e_fast, e_ref)
+    errors = {n: (rel(outs["fast"][n], outs["ref32"][n]), rel(outs["ref16"][n], outs["ref32"][n])) for n in outs["ref32"]}
+    bad = {n: e for n, e in errors.items() if e[0] > 2 * e[1] + 1e-3}
+    assert not bad, f"(fast, ref16) errors against fp32 where fast > 2 ref16 + 1e-3: {bad}; all: {errors}"
 
 
 @pytest.mark.gpu

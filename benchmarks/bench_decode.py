@@ -7,7 +7,7 @@ model gets a KV cache of the context length. One step = one token per sequence t
 CUDA events after warmup. "state MiB" is the decoding state of all layers (attention: the KV cache at that context).
 Cells whose KV cache would not fit are reported as skipped.
 
-Run: python benchmarks/bench_decode.py  [CONTEXTS=1024,8192,32768,131072] [BATCHES=1,64] [LAYERS=4] [HIDDEN=1024]
+Run: python benchmarks/bench_decode.py  [CONTEXTS=1024,8192,32768,131072] [BATCHES=1,64] [NUM_LAYERS=4] [HIDDEN=1024]
 (JSON rows in $OUT/bench_decode.json when OUT is set; on CPU it runs a tiny smoke version.)
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore")
 GPU = torch.cuda.is_available()
 CONTEXTS = [int(x) for x in os.environ.get("CONTEXTS", "1024,8192,32768,131072" if GPU else "64,256").split(",")]
 BATCHES = [int(x) for x in os.environ.get("BATCHES", "1,64" if GPU else "1,4").split(",")]
-LAYERS = int(os.environ.get("LAYERS", "4" if GPU else "2"))
+NUM_LAYERS = int(os.environ.get("NUM_LAYERS", "4" if GPU else "2"))
 HIDDEN = int(os.environ.get("HIDDEN", "1024" if GPU else "64"))
 HEADS = 4  # linear mixers: 4 heads x HIDDEN/4 (FIELD.md's MoM reference shape); attention: HIDDEN/128 heads x 128
 WARMUP, ITERS = (3, 20) if GPU else (1, 3)
@@ -58,7 +58,7 @@ def build(name: str):
 
     sym, extra = MODELS[name]
     cfg = load_config(None, [
-        f"model.hidden_size={HIDDEN}", f"model.num_layers={LAYERS}", f"model.layer_pattern={sym * LAYERS}",
+        f"model.hidden_size={HIDDEN}", f"model.num_layers={NUM_LAYERS}", f"model.layer_pattern={sym * NUM_LAYERS}",
         f"model.ffn_hidden_size={3 * HIDDEN}", "model.vocab_size=32000" if GPU else "model.vocab_size=256",
         "model.num_attention_heads=4", "train.precision=bf16", "train.seq_length=2048", "data.mqar.num_keys=16",
         "data.mqar.num_values=16", *extra])
@@ -99,7 +99,7 @@ def state_bytes(ctx) -> int:
 
 def kv_bytes(cfg, batch: int, context: int) -> int:
     groups = cfg.model.num_query_groups or cfg.model.num_attention_heads
-    return 2 * LAYERS * (context + 1) * batch * groups * (HIDDEN // cfg.model.num_attention_heads) * 2
+    return 2 * NUM_LAYERS * (context + 1) * batch * groups * (HIDDEN // cfg.model.num_attention_heads) * 2
 
 
 @torch.no_grad()
@@ -163,9 +163,9 @@ def main() -> None:
     shutdown(created)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_decode.json"), "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name() if GPU else "cpu", "layers": LAYERS, "hidden": HIDDEN,
+            json.dump({"gpu": torch.cuda.get_device_name() if GPU else "cpu", "layers": NUM_LAYERS, "hidden": HIDDEN,
                        "rows": rows}, f, indent=1)
-    print(f"\n# decode step, {LAYERS} layers, hidden {HIDDEN}, {'bf16' if GPU else 'fp32 CPU'}; "
+    print(f"\n# decode step, {NUM_LAYERS} layers, hidden {HIDDEN}, {'bf16' if GPU else 'fp32 CPU'}; "
           f"params M: " + ", ".join(f"{n} {next(r['params_M'] for r in rows if r['model'] == n)}" for n in MODELS)
           + f"; ran {time.perf_counter() - t0:.0f} s")
     by = {(r["model"], r["batch"], r["context"]): r for r in rows}

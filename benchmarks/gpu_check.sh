@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install the carried wheels, run the GPU tests and the benchmarks, print a short table last.
 # Usage (device machine, repo root): bash benchmarks/gpu_check.sh [tests|bench|all|dual] [bench names...]
-#   tests  the GPU tests (kernels first, in their own run, then the layers)
+#   tests  the GPU tests (kernels first, in their own run, then the layers; TEST_PARTS='a b;c' picks other runs)
 #   bench  the named benchmarks (default: all four), one after the other
 #   all    tests, then benchmarks
 #   dual   (2 GPUs) the tests on GPU 1 alongside the benchmarks on GPU 0, then the 340M recipe's 1-GPU, TP2 and CP2
@@ -31,11 +31,12 @@ REPO=$PWD
 run_tests() {
   # From a scratch dir, so the installed package (with the mapped linear_moe.mixers / .kernels) is the one imported.
   # Kernels first, in their own run (their report survives a time-out of the layer tests), then the layers.
-  local rc_all=0 part p rc
-  for part in kernels "mixers/test_mom.py generation mixers/test_linear_mixers.py parallel"; do
+  local rc_all=0 part p rc parts
+  IFS=';' read -ra parts <<<"${TEST_PARTS:-kernels;mixers/test_mom.py generation mixers/test_linear_mixers.py parallel}"
+  for part in "${parts[@]}"; do
     local paths=()
     for p in $part; do paths+=("$REPO/tests/$p"); done
-    (cd /tmp && timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
+    (cd /tmp && PYTEST_FAILURE_LOG="$OUT/gpu_failures.log" timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
       -n "${TEST_WORKERS:-4}" \
       --rootdir "$REPO" "${paths[@]}") >>"$OUT/gpu_tests.log" 2>&1
     rc=$?
@@ -73,7 +74,7 @@ cat "$WORK/gpu.txt"
 if [[ -f $OUT/gpu_tests.log ]]; then
   echo "gpu tests rc=$(cat "$WORK/gpu_tests.rc" 2>/dev/null || echo timeout):"
   grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed)" "$OUT/gpu_tests.log"
-  grep -E "^E  " "$OUT/gpu_tests.log" | cut -c1-300 | head -n 20
+  [[ -f $OUT/gpu_failures.log ]] && grep -E "^(==|E  )" "$OUT/gpu_failures.log" | cut -c1-400 | head -n 40
 fi
 for b in $BENCHES; do
   [[ -f $OUT/$b.log ]] && { echo "-- $b"; grep -vE "Warning|warn" "$OUT/$b.log" | tail -n 16; }

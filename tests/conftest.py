@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With PYTEST_FAILURE_LOG set, each failure's report is appended to that file as it happens (under xdist too),
+    so a run cut off by a time limit still leaves the reason of every failure so far (benchmarks/gpu_check.sh)."""
+    path = os.environ.get("PYTEST_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(42)

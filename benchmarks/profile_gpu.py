@@ -1,9 +1,10 @@
 """Where the GPU time goes: per-kernel times of our delta-rule kernels under launch/block variants, and per-op times of
 the gated DeltaNet and MoM layers (bf16, hidden 2048, 4 heads x 256, 32768 tokens), from torch.profiler.
 
-Run: python benchmarks/profile_gpu.py [kernels] [layers]   [VARIANTS=default,warps8,...]   (JSON in $OUT when set)
-Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH) and to find layer overheads; the numbers
-to report come from bench_*.py.
+Run: python benchmarks/profile_gpu.py [kernels] [layers] [conv]   [VARIANTS=default,warps8,...]
+     [CONV_VARIANTS=default,bt16,...]   (JSON in $OUT when set)
+Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH, kernels/short_conv.py LAUNCH) and to find
+layer overheads; the numbers to report come from bench_*.py.
 """
 from __future__ import annotations
 
@@ -116,6 +117,67 @@ def layers() -> list[dict]:
     return rows
 
 
+def conv() -> list[dict]:
+    """The short conv (bf16, W = 4, SiLU) under LAUNCH variants (BT, BC, warps, steps) for its forward and backward
+    kernels: GDN's strided view of the in_proj output (4 units of 768 conv channels in 1026, [T, B] order), the same
+    channels contiguous, and a packed [1, 98304, 3072] batch of 80 uneven segments. GB/s counts x read and y written
+    (fwd), x and dy read and dx written (bwd)."""
+    from linear_moe.kernels import short_conv as mod
+
+    variants = {
+        "default": dict(mod.LAUNCH),
+        "w4": {"fwd": (32, 128, 4, 4), "bwd": (16, 128, 4, 8)},
+        "bt16-bt8": {"fwd": (16, 128, 8, 4), "bwd": (8, 128, 8, 8)},
+        "bc256": {"fwd": (16, 256, 8, 4), "bwd": (8, 256, 8, 8)},
+        "bc64": {"fwd": (64, 64, 8, 4), "bwd": (32, 64, 8, 8)},
+        "w16": {"fwd": (64, 128, 16, 2), "bwd": (32, 128, 16, 4)},
+        "steps1": {"fwd": (32, 128, 8, 1), "bwd": (16, 128, 8, 1)},
+        "steps16": {"fwd": (32, 128, 8, 16), "bwd": (16, 128, 8, 16)},
+    }
+    only = os.environ.get("CONV_VARIANTS")
+    variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
+    base = dict(mod.LAUNCH)
+    gen = torch.Generator().manual_seed(0)
+    cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
+    cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
+    shapes = {
+        "gdn-view-B16xT2048": (lambda: torch.randn(2048, 16, 4 * 1026, device="cuda", dtype=torch.bfloat16)
+                               .transpose(0, 1).reshape(16, 2048, 4, 1026)[..., :768], None),
+        "contig-B16xT2048": (lambda: torch.randn(16, 2048, 3072, device="cuda", dtype=torch.bfloat16), None),
+        "packed-T98304-80seg": (lambda: torch.randn(1, 98304, 3072, device="cuda", dtype=torch.bfloat16), cu),
+    }
+    rows = []
+    for shape, (make, cu_seqlens) in shapes.items():
+        x = make().detach().requires_grad_()
+        w = (torch.randn(3072, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
+        dy = torch.randn(x.shape[0], x.shape[1], 3072, device="cuda", dtype=torch.bfloat16)
+        n = dy.numel() * dy.element_size()
+        for name, launch in variants.items():
+            mod.LAUNCH.update(launch)
+
+            def f(x=x, w=w, cu_seqlens=cu_seqlens):
+                return mod.short_conv(x, w, cu_seqlens=cu_seqlens)
+
+            def fb(x=x, w=w, dy=dy, f=f):
+                torch.autograd.grad(f(), (x, w), dy)
+
+            try:
+                tf, tfb = cuda_times(f, iters=10), cuda_times(fb, iters=10)
+            except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
+                print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            ms_f, ms_fb = sum(tf.values()), sum(tfb.values())
+            rows.append({"variant": name, "shape": shape, "launch": launch, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
+                         "gbs_fwd": 2 * n / ms_f / 1e6, "gbs_bwd": 3 * n / (ms_fb - ms_f) / 1e6, "kernels": tfb})
+    mod.LAUNCH.update(base)
+    print("\n== short conv variants (bf16, C 3072, W 4, SiLU; kernel ms, effective GB/s)")
+    print(f"{'variant':10} {'shape':20} {'fwd ms':>7} {'GB/s':>6} {'fwd+bwd':>8} {'bwd ms':>7} {'GB/s':>6}  launch")
+    for r in rows:
+        print(f"{r['variant']:10} {r['shape']:20} {r['ms_fwd']:7.3f} {r['gbs_fwd']:6.0f} {r['ms_fwd_bwd']:8.3f} "
+              f"{r['ms_fwd_bwd'] - r['ms_fwd']:7.3f} {r['gbs_bwd']:6.0f}  {r['launch']}")
+    return rows
+
+
 def main() -> None:
     what = sys.argv[1:] or ["kernels", "layers"]
     print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__)
@@ -124,6 +186,8 @@ def main() -> None:
         res["kernels"] = kernels()
     if "layers" in what:
         res["layers"] = layers()
+    if "conv" in what:
+        res["conv"] = conv()
     if OUT:
         with open(os.path.join(OUT, "profile_gpu.json"), "w") as f:
             json.dump(res, f, indent=1)

@@ -4,15 +4,18 @@
 
 Segments are the packed documents (and MoM's per-memory segments) of a `[1, T, C]` batch, given per token as the
 position of its segment's first token; a dense `[B, T, C]` batch is one segment per row. The input may be a strided
-`[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied. One kernel
-writes y; the backward recomputes the pre-activation, then one kernel gives dx and per-tile partial dw (summed on
-the host side, deterministic). No host sync. `naive_short_conv` is the per-segment F.conv1d definition the tests
-compare against; the module (linear_moe/modules/short_conv.py) keeps a pure-torch path for CPU, initial states and
-decoding.
+`[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied; a channel tile
+never crosses a unit, so its addresses are contiguous and the strides' common power-of-two factor is passed on for
+vector loads. One kernel writes y; one backward kernel gives dx and per-program partial dw (summed in torch,
+deterministic), recomputing the pre-activation gradient at the W target rows each source row feeds, so no fp32
+gradient tensor goes through memory. No atomics, no host sync. `naive_short_conv` is the per-segment F.conv1d
+definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a pure-torch path for CPU,
+initial states and decoding.
 """
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,107 +23,127 @@ import triton
 import triton.language as tl
 from linear_moe.kernels.common import use_triton
 
-BT, BC = 64, 128
+# Per kernel: (BT token rows per step, BC channels, num_warps, steps). A program covers BT * steps tokens in a loop of
+# BT-row steps (a step's W-1 halo rows were just loaded by the step before, so they come from L1) and BC channels of
+# one unit; more steps: fewer programs and, in the backward, fewer dw partials to sum. The loads of a step are all
+# issued up front and hold registers, so the tiles are small per thread (16 and 8 elements): on sm_90 ptxas gives the
+# forward 102 registers (2 programs of 256 threads an SM) and the backward, with its W*W shifted x rows, 127 (2).
+# benchmarks/profile_gpu.py conv sweeps these on the GPU.
+LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 8, 4), "bwd": (16, 128, 8, 8)}
 
 
 @triton.jit
-def _x_ptrs(x, i_b, o_t, o_c, sxb, sxt, sxu, D: tl.constexpr):
-    return x + i_b.to(tl.int64) * sxb + o_t.to(tl.int64)[:, None] * sxt + ((o_c // D) * sxu + o_c % D)[None, :]
+def _tile(x, i_p, sxb, sxu, D: tl.constexpr, BC: tl.constexpr, A: tl.constexpr):
+    """This program's batch row, x base pointer (batch row and unit), channel offsets in the unit and in C, mask."""
+    i_b = tl.program_id(2)
+    ND: tl.constexpr = (D + BC - 1) // BC
+    i_u, i_d = i_p // ND, i_p % ND
+    o_d = i_d * BC + tl.arange(0, BC)
+    base = x + i_b.to(tl.int64) * sxb * A + i_u.to(tl.int64) * sxu * A
+    return i_b, base, o_d, i_u * D + o_d, o_d < D
 
 
 @triton.jit
-def _block(T, C, BT: tl.constexpr, BC: tl.constexpr):
-    """This program's (token block, batch row) and its token and channel offsets with their masks."""
-    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    o_t = i_t * BT + tl.arange(0, BT)
-    o_c = i_c * BC + tl.arange(0, BC)
-    return i_t, i_b, o_t, o_c, o_t < T, o_c < C
+def _x(base, src, m, o_d, m_d, sxt, A: tl.constexpr):
+    """[BT, BC] x rows src (fp32), zero where ~m."""
+    p = base + src.to(tl.int64)[:, None] * sxt * A + o_d[None, :]
+    return tl.load(p, mask=m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu,
-            D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, USE_SEG: tl.constexpr):
-    """[BT, BC] fp32 pre-activation at tokens o_t."""
-    if USE_SEG:
-        start = tl.load(seg + i_b * T + o_t, mask=m_t, other=0)
-    else:
-        start = tl.zeros([BT], dtype=tl.int32)
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        src = o_t - j
-        m = m_t & (src >= start)
-        xv = tl.load(_x_ptrs(x, i_b, src, o_c, sxb, sxt, sxu, D), mask=m[:, None] & m_c[None, :], other=0.0)
-        wj = tl.load(w + o_c * W + (W - 1 - j), mask=m_c, other=0.0).to(tl.float32)
-        acc += xv.to(tl.float32) * wj[None, :]
-    return acc
+def _taps(w, c, m_d, W: tl.constexpr):
+    """The W [BC] fp32 taps, loaded once per program: taps[k] multiplies x[t-k]."""
+    taps = ()
+    for k in tl.static_range(W):
+        taps = taps + (tl.load(w + c * W + (W - 1 - k), mask=m_d, other=0.0).to(tl.float32),)
+    return taps
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu,
-                          D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr, A: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
                           USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    _, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
-    acc = _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu, D, W, BT, BC, USE_SEG)
-    if ACT:
-        acc = acc * tl.sigmoid(acc)
-    p_y = y + (i_b.to(tl.int64) * T + o_t[:, None]) * C + o_c[None, :]
-    tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-
-
-@triton.jit
-def short_conv_bwd_kernel_dact(x, w, seg, dy, da, T, C, sxb, sxt, sxu,
-                               D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                               USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    """Gradient of the pre-activation, da = dy * act'(pre), fp32."""
-    _, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
-    off = (i_b.to(tl.int64) * T + o_t[:, None]) * C + o_c[None, :]
-    m = m_t[:, None] & m_c[None, :]
-    b_dy = tl.load(dy + off, mask=m, other=0.0).to(tl.float32)
-    if ACT:
-        acc = _preact(x, w, seg, i_b, o_t, o_c, m_t, m_c, T, sxb, sxt, sxu, D, W, BT, BC, USE_SEG)
-        sig = tl.sigmoid(acc)
-        b_dy = b_dy * sig * (1 + acc * (1 - sig))
-    tl.store(da + off, b_dy, mask=m)
-
-
-@triton.jit
-def short_conv_bwd_kernel_dx(x, w, seg, da, dx, dw, T, C, NTB, sxb, sxt, sxu,
-                             D: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                             USE_SEG: tl.constexpr):
-    """dx[s] = sum_j w[W-1-j] da[s+j] over targets s+j in s's segment; this tile's share of dw."""
-    i_t, i_b, o_t, o_c, m_t, m_c = _block(T, C, BT, BC)
-    if USE_SEG:
-        start = tl.load(seg + i_b * T + o_t, mask=m_t, other=0)
-    else:
-        start = tl.zeros([BT], dtype=tl.int32)
-    row = i_b.to(tl.int64) * T
-    b_da = tl.load(da + (row + o_t[:, None]) * C + o_c[None, :], mask=m_t[:, None] & m_c[None, :], other=0.0)
-    b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        wj = tl.load(w + o_c * W + (W - 1 - j), mask=m_c, other=0.0).to(tl.float32)
-        # dx: the target t = s + j reads s when s lies in t's segment
-        tgt = o_t + j
-        m_tgt = tgt < T
+    i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
+    taps = _taps(w, c, m_d, W)
+    for i_s in range(STEPS):
+        o_t = (tl.program_id(0) * STEPS + i_s) * BT + tl.arange(0, BT)
+        m_t = o_t < T
         if USE_SEG:
-            t_start = tl.load(seg + i_b * T + tgt, mask=m_tgt, other=0)
-            m_tgt = m_tgt & (t_start <= o_t)
-        b_dt = tl.load(da + (row + tgt[:, None]) * C + o_c[None, :], mask=m_tgt[:, None] & m_c[None, :], other=0.0)
-        b_dx += b_dt * wj[None, :]
-        # dw[c, W-1-j]: sum over this tile's tokens t of da[t] x[t-j]
-        src = o_t - j
-        m_src = m_t & (src >= start)
-        xv = tl.load(_x_ptrs(x, i_b, src, o_c, sxb, sxt, sxu, D), mask=m_src[:, None] & m_c[None, :], other=0.0)
-        b_dw = tl.sum(b_da * xv.to(tl.float32), 0)
-        tl.store(dw + ((i_b * NTB + i_t) * C + o_c) * W + (W - 1 - j), b_dw, mask=m_c)
-    tl.store(dx + (row + o_t[:, None]) * C + o_c[None, :], b_dx.to(dx.dtype.element_ty),
-             mask=m_t[:, None] & m_c[None, :])
+            start = tl.load(seg + o_t, mask=m_t, other=0)
+        else:
+            start = tl.zeros([BT], dtype=tl.int32)
+        acc = tl.zeros([BT, BC], dtype=tl.float32)
+        for k in tl.static_range(W):
+            acc += _x(base, o_t - k, m_t & (o_t - k >= start), o_d, m_d, sxt, A) * taps[k][None, :]
+        if ACT:
+            acc = acc * tl.sigmoid(acc)
+        p_y = y + (i_b.to(tl.int64) * T + o_t)[:, None] * C + c[None, :]
+        tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
-    """(stride of B, of T, of a unit U, unit width D) of a [B, T, C] or [B, T, U, D] input with unit last stride."""
-    if x.dim() == 3:
-        return x.stride(0), x.stride(1), x.shape[2], x.shape[2]
-    return x.stride(0), x.stride(1), x.stride(2), x.shape[3]
+@triton.jit
+def short_conv_bwd_kernel(x, w, seg, dy, dx, dw, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
+                          WP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+                          USE_SEG: tl.constexpr, ACT: tl.constexpr):
+    """Per source row s: dx[s] = sum_j w[W-1-j] da[s+j] and dw[W-1-j] += x[s] da[s+j], over targets s+j in s's
+    segment; da = dy * act'(pre) is recomputed at each target from x (the W*W row loads hit L1)."""
+    i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
+    taps = _taps(w, c, m_d, W)
+    row = i_b.to(tl.int64) * T
+    o_w = tl.arange(0, WP)
+    b_dw = tl.zeros([BC, WP], dtype=tl.float32)
+    for i_s in range(STEPS):
+        o_t = (tl.program_id(0) * STEPS + i_s) * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_x = _x(base, o_t, m_t, o_d, m_d, sxt, A)
+        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
+        for j in tl.static_range(W):
+            tgt = o_t + j
+            m_tgt = tgt < T
+            if USE_SEG:
+                start = tl.load(seg + tgt, mask=m_tgt, other=0)
+            else:
+                start = tl.zeros([BT], dtype=tl.int32)
+            # rows past T load dy = 0, so their da is 0
+            da = tl.load(dy + (row + tgt)[:, None] * C + c[None, :], mask=m_tgt[:, None] & m_d[None, :],
+                         other=0.0).to(tl.float32)
+            if ACT:
+                pre = tl.zeros([BT, BC], dtype=tl.float32)
+                for k in tl.static_range(W):
+                    if k == j:
+                        # x[s] itself; where s lies before the target's segment, da is masked below
+                        xv = b_x
+                    else:
+                        src = tgt - k
+                        xv = _x(base, src, m_tgt & (src >= start), o_d, m_d, sxt, A)
+                    pre += xv * taps[k][None, :]
+                sig = tl.sigmoid(pre)
+                da = da * sig * (1 + pre * (1 - sig))
+            if USE_SEG:
+                da = tl.where((o_t >= start)[:, None], da, 0.0)
+            b_dx += da * taps[j][None, :]
+            b_dw += tl.where(o_w[None, :] == W - 1 - j, tl.sum(b_x * da, 0)[:, None], 0.0)
+        p_dx = dx + (row + o_t)[:, None] * C + c[None, :]
+        tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    i_p = i_b * tl.num_programs(0) + tl.program_id(0)
+    p_dw = dw + (i_p.to(tl.int64) * C + c)[:, None] * W + o_w[None, :]
+    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w < W)[None, :])
+
+
+def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(stride of B, of T, of a unit U, all divided by A; unit width D; A) of a [B, T, C] or [B, T, U, D] input with
+    unit last stride. A (<= 8) is the strides' common power-of-two factor: it tells Triton the rows' alignment, so a
+    view of an odd-width projection still gets the widest loads its strides allow."""
+    # the stride of a size-1 dim is never used; it must not lower A
+    sxb, sxt = (x.stride(0) if x.shape[0] > 1 else 0), (x.stride(1) if x.shape[1] > 1 else 0)
+    sxu, D = (0, x.shape[2]) if x.dim() == 3 else (x.stride(2) if x.shape[2] > 1 else 0, x.shape[3])
+    A = math.gcd(8, sxb, sxt, sxu)
+    return sxb // A, sxt // A, sxu // A, D, A
+
+
+def _grid(x: torch.Tensor, D: int, BT: int, BC: int, steps: int) -> tuple[int, int, int]:
+    U = 1 if x.dim() == 3 else x.shape[2]
+    return triton.cdiv(x.shape[1], BT * steps), U * triton.cdiv(D, BC), x.shape[0]
 
 
 class ShortConvFunction(torch.autograd.Function):
@@ -128,12 +151,13 @@ class ShortConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, seg, act):
         B, T = x.shape[:2]
         C, W = weight.shape
-        sxb, sxt, sxu, D = _strides(x)
+        sxb, sxt, sxu, D, A = _layout(x)
         w = weight.contiguous()
         y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
-        short_conv_fwd_kernel[grid](x, w, seg, y, T, C, sxb, sxt, sxu, D=D, W=W, BT=BT, BC=BC,
-                                    USE_SEG=seg is not None, ACT=act)
+        BT, BC, warps, steps = LAUNCH["fwd"]
+        short_conv_fwd_kernel[_grid(x, D, BT, BC, steps)](
+            x, w, seg, y, T, C, sxb, sxt, sxu, D=D, W=W, A=A, BT=BT, BC=BC, STEPS=steps,
+            USE_SEG=seg is not None, ACT=act, num_warps=warps)
         ctx.save_for_backward(x, w, seg)
         ctx.act, ctx.weight_dtype = act, weight.dtype
         return y
@@ -143,17 +167,15 @@ class ShortConvFunction(torch.autograd.Function):
         x, w, seg = ctx.saved_tensors
         B, T = x.shape[:2]
         C, W = w.shape
-        sxb, sxt, sxu, D = _strides(x)
+        sxb, sxt, sxu, D, A = _layout(x)
         dy = dy.contiguous()
-        grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
-        da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
-        short_conv_bwd_kernel_dact[grid](x, w, seg, dy, da, T, C, sxb, sxt, sxu, D=D, W=W, BT=BT, BC=BC,
-                                         USE_SEG=seg is not None, ACT=ctx.act)
-        NTB = triton.cdiv(T, BT)
+        BT, BC, warps, steps = LAUNCH["bwd"]
+        grid = _grid(x, D, BT, BC, steps)
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        dw = torch.empty(B * NTB, C, W, dtype=torch.float32, device=x.device)
-        short_conv_bwd_kernel_dx[grid](x, w, seg, da, dx, dw, T, C, NTB, sxb, sxt, sxu, D=D, W=W, BT=BT, BC=BC,
-                                       USE_SEG=seg is not None)
+        dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
+        short_conv_bwd_kernel[grid](
+            x, w, seg, dy, dx, dw, T, C, sxb, sxt, sxu, D=D, W=W, WP=triton.next_power_of_2(W), A=A, BT=BT, BC=BC,
+            STEPS=steps, USE_SEG=seg is not None, ACT=ctx.act, num_warps=warps)
         return dx.view(x.shape), dw.sum(0).to(ctx.weight_dtype), None, None
 
 

@@ -1,10 +1,12 @@
 """The Triton short conv (under the interpreter on CPU) equals the per-segment F.conv1d definition: output, dx and dw,
 for dense rows, packed segments (zero-length ones too, segments shorter than the kernel) and strided [B, T, U, D] views
-read in place; the module's torch path (one conv plus segment-start fix-up) equals it too."""
+read in place, under the default launch and under small ones whose token steps and channel tiles cut across segments,
+units and T; the module's torch path (one conv plus segment-start fix-up) equals it too."""
 from __future__ import annotations
 
 import pytest
 import torch
+from linear_moe.kernels import short_conv as conv_mod
 from linear_moe.kernels.short_conv import naive_short_conv, short_conv
 
 from linear_moe.modules.short_conv import ShortConvolution
@@ -47,6 +49,33 @@ def test_triton_equals_definition(case, view, act, dtype, tol):
     for name, g, r in zip(("y", "dx", "dw"), got, ref):
         assert g.shape == (r.shape if name != "dx" else x.shape), name
         assert rel(g.reshape(r.shape), r) < tol, (name, rel(g.reshape(r.shape), r))
+
+
+# (BT, BC, warps, steps) per kernel: "tiny" has 4-row steps, 3 steps a program and 16-channel tiles (two per 24-wide
+# unit, the second half masked), so a step spans several segments and a program ends mid-T; "wide" has 64-channel
+# tiles wider than a unit and one step a program
+LAUNCHES = {"tiny": {"fwd": (4, 16, 1, 3), "bwd": (4, 16, 1, 3)}, "wide": {"fwd": (8, 64, 2, 1), "bwd": (16, 64, 2, 1)}}
+EDGE_CASES = {"dense-B2-T37": (2, 37, None), "packed-T37": (1, 37, [0, 0, 1, 3, 9, 9, 10, 30, 37])}
+
+
+@pytest.mark.parametrize("act", ["silu", None], ids=["silu", "linear"])
+@pytest.mark.parametrize("W,pad", [(4, 5), (3, 2), (4, 8)], ids=["W4-align1", "W3-align2", "W4-align8"])
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_launch_edges(monkeypatch, launch, case, W, pad, act):
+    """Small launch settings on a strided view whose unit stride D + pad has power-of-two factor 1, 2 or 8 (the
+    alignment the kernel passes to Triton), W = 3 (taps padded to 4 in the dw tile), fp32 against the definition."""
+    monkeypatch.setattr(conv_mod, "LAUNCH", LAUNCHES[launch])
+    B, T, cu = EDGE_CASES[case]
+    U, D = 2, 24
+    cu = torch.tensor(cu) if cu is not None else None
+    x = torch.randn(B, T, U, D + pad)[..., :D]
+    w = torch.randn(U * D, W) * 0.5
+    dy = torch.randn(B, T, U * D)
+    ref = _grads(lambda a, b: naive_short_conv(a.reshape(B, T, -1), b, cu_seqlens=cu, activation=act), x, w, dy)
+    got = _grads(lambda a, b: short_conv(a, b, cu_seqlens=cu, activation=act, backend="triton"), x, w, dy)
+    for name, g, r in zip(("y", "dx", "dw"), got, ref, strict=True):
+        assert rel(g.reshape(r.shape), r) < 1e-5, (name, rel(g.reshape(r.shape), r))
 
 
 def test_module_torch_path_equals_definition():

@@ -4,8 +4,8 @@
 #   tests  the GPU tests (kernels first, in their own run, then the layers; TEST_PARTS='a b;c' picks other runs)
 #   bench  the named benchmarks (default: all four), one after the other
 #   all    tests, then benchmarks
-#   dual   (2 GPUs) the tests on GPU 1 alongside the benchmarks on GPU 0, then the 340M recipe's 1-GPU, TP2 and CP2
-#          training runs (benchmarks/scale_run.sh) on both
+#   dual   (2 GPUs) the 340M recipe's 1-GPU, TP2 and CP2 training runs (benchmarks/scale_run.sh) on both, then the
+#          tests on GPU 1 alongside the benchmarks on GPU 0
 # A device call is limited to 10 minutes; fla's first calls autotune for minutes. TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
 # runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
@@ -59,12 +59,13 @@ case $WHAT in
   bench) run_benches ;;
   all) run_tests; run_benches ;;
   dual)
-    CUDA_VISIBLE_DEVICES=1 run_tests &
-    CUDA_VISIBLE_DEVICES=0 run_benches
-    wait
+    # the two-GPU runs first (bounded by SCALE_BUDGET), then the one-GPU work side by side in the time left
     BUDGET=${SCALE_BUDGET:-240} STEPS=${STEPS:-20} GBS=${GBS:-16} MBS=${MBS:-4} \
       bash "$REPO/benchmarks/scale_run.sh" 340m --out "$WORK/scale" >"$OUT/scale_run.log" 2>&1
-    cp "$WORK/scale/scale_run.json" "$WORK/scale/loss_curves.png" "$OUT/" 2>/dev/null ;;
+    cp "$WORK/scale/scale_run.json" "$WORK/scale/loss_curves.png" "$OUT/" 2>/dev/null
+    CUDA_VISIBLE_DEVICES=1 run_tests &
+    CUDA_VISIBLE_DEVICES=0 run_benches
+    wait ;;
   *) echo "unknown mode '$WHAT': tests, bench, all or dual"; exit 2 ;;
 esac
 

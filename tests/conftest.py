@@ -27,7 +27,8 @@ def pytest_runtest_logreport(report):
     """With PYTEST_FAILURE_LOG set, each failure's report is appended to that file as it happens (under xdist too),
     so a run cut off by a time limit still leaves the reason of every failure so far (benchmarks/gpu_check.sh)."""
     path = os.environ.get("PYTEST_FAILURE_LOG")
-    if path and report.failed:
+    # under xdist the controller gets every worker's report too: write once, there
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(path, "a") as f:
             f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 

@@ -193,8 +193,9 @@ def chunk_gla_fwd_kernel_h(
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, i_t * BT, BK, BT)
             b_g = tl.load(p_g, mask=mp_g, other=0)
             b_h *= tl.exp(b_gl)[:, None]
-            b_k = (b_k * tl.exp(b_gl[:, None] - b_g)).to(b_k.dtype)
-        b_h += tl.dot(b_k, b_v, input_precision=PREC)
+            b_k = b_k * tl.exp(b_gl[:, None] - b_g)
+        # 16-bit operands for the forward's 16-bit states; the backward recomputes fp32 states with fp32 operands
+        b_h += tl.dot(b_k.to(h.dtype.element_ty), b_v.to(h.dtype.element_ty), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + i_nh * K * V + o_kv, b_h, mask=m_kv)
 
@@ -331,9 +332,9 @@ def chunk_gla_bwd_kernel_dh(
             last = tl.minimum(i_t * BT + BT, T_n) - 1
             b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, i_t * BT, BK, BT)
-            b_q = (b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))).to(b_q.dtype)
+            b_q = b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))
             b_dh *= tl.exp(b_gl)[:, None]
-        b_dh += tl.dot(b_q, b_do.to(b_q.dtype), input_precision=PREC) * scale
+        b_dh += tl.dot(b_q.to(dh.dtype.element_ty), b_do.to(dh.dtype.element_ty), input_precision=PREC) * scale
     if STORE_DH0:
         tl.store(dh0 + i_nh * K * V + o_kv, b_dh, mask=m_kv)
 
@@ -417,8 +418,8 @@ def chunk_gla_bwd_kernel_inter(
         p_dht, mp_dht = _bp(dh + (i_g * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         b_do = tl.load(p_do, mask=mp_do, other=0)
         b_v = tl.load(p_v, mask=mp_v, other=0)
-        b_dq += tl.dot(b_do, tl.load(p_ht, mask=mp_ht, other=0).to(b_do.dtype), input_precision=PREC)
-        b_dk += tl.dot(b_v, tl.load(p_dht, mask=mp_dht, other=0).to(b_v.dtype), input_precision=PREC)
+        b_dq += tl.dot(b_do.to(tl.float32), tl.load(p_ht, mask=mp_ht, other=0), input_precision=PREC)
+        b_dk += tl.dot(b_v.to(tl.float32), tl.load(p_dht, mask=mp_dht, other=0), input_precision=PREC)
     if USE_G:
         o_k = i_k * BK + tl.arange(0, BK)
         last = tl.minimum(i_t * BT + BT, T_n) - 1
@@ -477,8 +478,8 @@ def chunk_gla_bwd_kernel_intra(
         b_kj = tl.load(p_kj, mask=mp_kj, other=0)
         if USE_G:
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, col0, i_k * BK, BC, BK)
-            b_kj = (b_kj * tl.exp(b_gn[None, :] - tl.load(p_gj, mask=mp_gj, other=0))).to(b_kj.dtype)
-        b_dq += tl.dot(tl.load(p_dA, mask=mp_dA, other=0).to(b_kj.dtype), b_kj, input_precision=PREC)
+            b_kj = b_kj * tl.exp(b_gn[None, :] - tl.load(p_gj, mask=mp_gj, other=0))
+        b_dq += tl.dot(tl.load(p_dA, mask=mp_dA, other=0), b_kj.to(tl.float32), input_precision=PREC)
     if USE_G:
         b_dq *= tl.where(m_r[:, None], tl.exp(b_g - b_gn[None, :]), 0)
     if DIAG_LOOP:
@@ -506,8 +507,8 @@ def chunk_gla_bwd_kernel_intra(
         if USE_G:
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, r0, i_k * BK, BC, BK)
             b_e = tl.exp(tl.load(p_gj, mask=mp_gj, other=0) - b_gn[None, :])
-            b_qj = tl.where(m_rj[:, None], b_qj * b_e, 0).to(b_qj.dtype)
-        b_dk += tl.dot(tl.load(p_dAt, mask=mp_dAt, other=0).to(b_qj.dtype), b_qj, input_precision=PREC)
+            b_qj = tl.where(m_rj[:, None], b_qj * b_e, 0)
+        b_dk += tl.dot(tl.load(p_dAt, mask=mp_dAt, other=0), b_qj.to(tl.float32), input_precision=PREC)
     if USE_G:
         b_dk *= tl.exp(b_gn[None, :] - b_g)
     if not DIAG_LOOP:
@@ -584,9 +585,9 @@ def _gate_cumsum(g, B, T, H, K, cu_seqlens, chunk_indices, NT_grid, bs):
     return gc
 
 
-def _states(k, v, gc, h0, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk_offsets, bs):
+def _states(k, v, gc, h0, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk_offsets, bs, dtype=None):
     BK, BV = bs["BK"], bs["BV"]
-    h = _empty(NT_total, H, K, V, dtype=k.dtype, device=k.device)
+    h = _empty(NT_total, H, K, V, dtype=dtype or k.dtype, device=k.device)
     ht = _empty(N, H, K, V, dtype=torch.float32, device=k.device) if want_ht else None
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
     chunk_gla_fwd_kernel_h[grid](
@@ -646,8 +647,9 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     gcp = gc if use_g else q
     # the final state is only needed for the gate's final-state term
     want_ht = use_g and dht is not None
-    h, ht = _states(k, v, gc, initial_state, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk_offsets, bs)
-    dh = _empty(NT_total, H, K, V, dtype=q.dtype, device=q.device)
+    h, ht = _states(k, v, gc, initial_state, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk_offsets, bs,
+                    dtype=torch.float32)
+    dh = _empty(NT_total, H, K, V, dtype=torch.float32, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
     chunk_gla_bwd_kernel_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         q, do, gcp, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu_seqlens, chunk_offsets,

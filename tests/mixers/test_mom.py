@@ -311,7 +311,7 @@ def test_gpu_bf16_matches_fp32_reference():
     outs = {}
     for name, lay, dt, fn in (("fast", layer, torch.bfloat16, None), ("ref16", layer, torch.bfloat16, seg16),
                               ("ref32", ref32, torch.float32, seg32)):
-        xi = x.to(dt).requires_grad_(True)
+        xi = x.detach().to(dt).requires_grad_(True)  # a fresh leaf per run (x.to(bf16) would be x itself)
         for p in lay.parameters():
             p.grad = None
         aux = 0.0

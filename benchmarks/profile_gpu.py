@@ -2,7 +2,7 @@
 the gated DeltaNet and MoM layers (bf16, hidden 2048, 4 heads x 256, 32768 tokens), from torch.profiler.
 
 Run: python benchmarks/profile_gpu.py [kernels] [layers] [conv]   [VARIANTS=default,warps8,...]
-     [CONV_VARIANTS=default,bt16,...]   (JSON in $OUT when set)
+     [CONV_VARIANTS=default,bt16,...]   (JSON in $OUT when set; PROFILE="conv layers" stands in for the arguments)
 Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH, kernels/short_conv.py LAUNCH) and to find
 layer overheads; the numbers to report come from bench_*.py.
 """
@@ -179,7 +179,7 @@ def conv() -> list[dict]:
 
 
 def main() -> None:
-    what = sys.argv[1:] or ["kernels", "layers"]
+    what = sys.argv[1:] or os.environ.get("PROFILE", "kernels layers").split()
     print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__)
     res = {}
     if "kernels" in what:

@@ -5,7 +5,8 @@
 #   bench  the named benchmarks (default: all four), one after the other
 #   all    tests, then benchmarks
 #   dual   (2 GPUs) the 340M recipe's 1-GPU, TP2 and CP2 training runs (benchmarks/scale_run.sh) on both, then the
-#          tests on GPU 1 alongside the benchmarks on GPU 0
+#          tests on GPU 1 alongside the benchmarks on GPU 0 (TEST_GPUS=0,1 with no benchmark: the tests' xdist
+#          workers spread over both)
 # A device call is limited to 10 minutes; fla's first calls autotune for minutes. TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
 # runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
@@ -63,7 +64,7 @@ case $WHAT in
     BUDGET=${SCALE_BUDGET:-240} STEPS=${STEPS:-20} GBS=${GBS:-16} MBS=${MBS:-4} \
       bash "$REPO/benchmarks/scale_run.sh" 340m --out "$WORK/scale" >"$OUT/scale_run.log" 2>&1
     cp "$WORK/scale/scale_run.json" "$WORK/scale/loss_curves.png" "$OUT/" 2>/dev/null
-    CUDA_VISIBLE_DEVICES=1 run_tests &
+    CUDA_VISIBLE_DEVICES=${TEST_GPUS:-1} run_tests &
     CUDA_VISIBLE_DEVICES=0 run_benches
     wait ;;
   *) echo "unknown mode '$WHAT': tests, bench, all or dual"; exit 2 ;;

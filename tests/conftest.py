@@ -5,6 +5,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+elif os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist workers (gw0, gw1, ...) spread over the visible GPUs; "cuda" then means the worker's own
+    torch.cuda.set_device(int(os.environ["PYTEST_XDIST_WORKER"][2:]) % torch.cuda.device_count())
 
 import warnings  # noqa: E402
 

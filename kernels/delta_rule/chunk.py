@@ -97,12 +97,15 @@ def _chunk_lookup(chunk_info, cu_seqlens, i_c):
 
 @triton.jit
 def _load_gates(G, bos, T, i_t, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """Cumulative log gate of the chunk [BT] (0 beyond the sequence) and its value at the chunk's last step."""
+    """Cumulative log gate of the chunk [BT] and its value at the chunk's last step, which rows beyond the sequence
+    repeat (as the forward's cumsum of zero-padded gates gives): a row past the end paired with a valid one then has
+    a decay factor exp(G_i - G_j) within the chunk's real range, where a 0 there would overflow exp to inf once the
+    chunk's decay passes -88 and turn the tile products' 0 * inf into NaN in valid rows."""
     o_t = i_t * BT + tl.arange(0, BT)
-    b_G = tl.load(G + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
     last = tl.minimum(i_t * BT + BT, T) - 1
     b_Gl = tl.load(G + (bos + last) * H + i_h)
-    return b_G, b_Gl
+    b_G = tl.load(G + (bos + o_t) * H + i_h, mask=o_t < T, other=0.0)
+    return tl.where(o_t < T, b_G, b_Gl), b_Gl
 
 
 @triton.jit

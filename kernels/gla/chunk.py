@@ -492,7 +492,7 @@ def chunk_gla_bwd_kernel_intra(
             if USE_G:
                 b_gd = tl.load(gc + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0)
                 b_tq *= tl.exp(b_g - b_gd[None, :])
-            b_dq += tl.where(o_r[:, None] >= jj, b_tq, 0)
+            b_dq += tl.where((o_r[:, None] >= jj) & m_r[:, None], b_tq, 0)
 
     last = tl.minimum(row0 + BC, T_n) - 1
     if USE_G:
@@ -515,9 +515,11 @@ def chunk_gla_bwd_kernel_intra(
         # both diagonal-block sums as [BC, BC, BK] tensors (cheaper under the interpreter)
         p_dAd, mp_dAd = _bp(dA + base_A, T_n, BT, H * BT, 1, row0, i_i * BC, BC, BC)
         b_dAd = tl.load(p_dAd, mask=mp_dAd, other=0)
-        b_E = tl.where((o_r[:, None] >= o_r[None, :])[:, :, None], b_dAd[:, :, None], 0)
+        # rows past the end (gate 0 there) are left out: exp(0 - G) overflows once the chunk's decay passes -88
+        tri = ((o_r[:, None] >= o_r[None, :]) & m_r[:, None])[:, :, None]
+        b_E = tl.where(tri, b_dAd[:, :, None], 0)
         if USE_G:
-            b_E = tl.where((o_r[:, None] >= o_r[None, :])[:, :, None], b_E * tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
+            b_E = tl.where(tri, b_E * tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
         b_dq += tl.sum(b_E * b_k.to(tl.float32)[None, :, :], 1)
         b_dk += tl.sum(b_E * b_q.to(tl.float32)[:, None, :], 0)
     else:
@@ -531,7 +533,8 @@ def chunk_gla_bwd_kernel_intra(
             if USE_G:
                 b_gi = tl.load(gc + ((bos + row0 + ii) * H + i_h) * K + o_k, mask=m_i, other=0)
                 b_tk *= tl.exp(b_gi[None, :] - b_g)
-            b_dk += tl.where(o_r[:, None] <= ii, b_tk, 0)
+            # a row ii past the end has gate 0, where exp(0 - G) can overflow: it contributes nothing
+            b_dk += tl.where((o_r[:, None] <= ii) & (row0 + ii < T_n), b_tk, 0)
 
     p_dqi, mp_dqi = _bp(dq_inter + base_k, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
     p_dki, mp_dki = _bp(dk_inter + base_k, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)

@@ -98,10 +98,10 @@ def test_gpu_bf16_decode_matches_forward(name, pattern, overrides):
     g = torch.Generator().manual_seed(42)
     seqs = [torch.randint(1, V, (n,), generator=g).cuda() for n in (T, 150)]
     with torch.no_grad():
-        # wide routing margins (MoM and MoE routers): bf16 noise flipping a near-tied top-k choice is a jump in the
-        # logits that says nothing about decoding
+        # wide routing margins for the MoE FFN's router: bf16 noise flipping a near-tied expert choice is a jump in
+        # the logits that says nothing about decoding
         for n, p in model.named_parameters():
-            if n.endswith("router.weight"):
+            if n.endswith("mlp.router.weight"):
                 p.mul_(16)
         refs = [model(s[None], torch.arange(len(s), device="cuda")[None], None)[0, :, :V].float() for s in seqs]
         model = model.bfloat16()

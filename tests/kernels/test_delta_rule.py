@@ -169,6 +169,23 @@ def test_chunk_correlated_keys(chunk, corr):
     compare(run(chunk_delta_rule, inputs, backend="triton", chunk_size=chunk), ref, 1e-3)
 
 
+@pytest.mark.parametrize("cu", [None, [0, 70, 70, 190]], ids=["dense", "varlen"])
+def test_chunk_strong_decay_partial_chunk(cu):
+    """Decay of 3 per step (what A up to 16 with dt 0.1 and more gives at initialisation): within a chunk the
+    cumulative log decay passes -88, where exp overflows fp32. Rows past a sequence's end in its last, partial chunk
+    must not meet that overflow (0 * inf = NaN that the tile products then carry into valid rows)."""
+    torch.manual_seed(0)
+    # 190 = 2 chunks + 62 steps: the last chunk's valid rows reach a cumulative log decay of -186
+    q, k, v, beta, g, h0 = make_inputs(1, 190, 2, 32, 32, True)
+    g = torch.full_like(g, -3.0)
+    inputs = [q, k, v, beta, g, None if cu is not None else h0]
+    kw = {} if cu is None else {"cu_seqlens": torch.tensor(cu, dtype=torch.int32)}
+    ref = run(torch_chunk_delta_rule, inputs, **kw)
+    got = run(chunk_delta_rule, inputs, backend="triton", **kw)
+    assert all(torch.isfinite(x).all() for x in got.values() if x is not None)
+    compare(got, ref, 1e-4)
+
+
 def test_chunk_fp16():
     inputs = make_inputs(2, 65, 2, 32, 32, True)
     ref = run(naive_recurrent_delta_rule, inputs)

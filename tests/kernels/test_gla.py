@@ -137,6 +137,24 @@ def test_diagonal_loop_variant(mode, monkeypatch):
     check(run(triton_chunk, *inputs), run(naive_recurrent_gla, *inputs), 1e-5, "chunk diag loop")
 
 
+@pytest.mark.parametrize("mode", ["scalar", "vector"])
+@pytest.mark.parametrize("diag_loop", [False, True], ids=["diag3d", "diagloop"])
+def test_strong_decay_partial_chunk(mode, diag_loop, monkeypatch):
+    """Decay of 3 per step: the last chunk's cumulative log decay passes -88 (exp overflows fp32). Rows past the
+    sequence's end in that partial chunk must not meet the overflow (0 * inf = NaN carried into valid rows), in
+    either form of the diagonal blocks; a varlen segment ends mid-chunk too."""
+    monkeypatch.setattr(chunk_mod, "DIAG_LOOP", diag_loop)
+    q, k, v, g, h0, do, dht = make_inputs(mode, 1, 120, 1, 16, 16)
+    g = torch.full_like(g, -3.0)
+    # fp32, but dg sums terms whose decays span e^-180: 1e-4 for the summation order
+    check(run(triton_chunk, q, k, v, g, h0, do, dht), run(naive_recurrent_gla, q, k, v, g, h0, do, dht), 1e-4,
+          "chunk strong decay")
+    cu = torch.tensor([0, 50, 120], dtype=torch.int32)
+    h0, dht = h0.expand(2, -1, -1, -1).contiguous(), dht.expand(2, -1, -1, -1).contiguous()
+    check(run(triton_chunk, q, k, v, g, h0, do, dht, cu_seqlens=cu),
+          run(torch_chunk_gla, q, k, v, g, h0, do, dht, cu_seqlens=cu), 1e-4, "chunk strong decay varlen")
+
+
 def test_varlen_tables_are_sync_free_shapes():
     """The varlen chunk table has a size fixed by (T, N, BT) alone and marks the unused tail with -1."""
     cu = torch.tensor([0, 0, 70, 70, 200])

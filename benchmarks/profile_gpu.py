@@ -124,19 +124,20 @@ def conv() -> list[dict]:
     (fwd), x and dy read and dx written (bwd)."""
     from linear_moe.kernels import short_conv as mod
 
+    # "split": False picks the fused backward ("bwd"); otherwise the two-pass one ("dact", "dx")
     variants = {
-        "default": dict(mod.LAUNCH),
-        "w4": {"fwd": (32, 128, 4, 4), "bwd": (16, 128, 4, 8)},
-        "bt16-bt8": {"fwd": (16, 128, 8, 4), "bwd": (8, 128, 8, 8)},
-        "bc256": {"fwd": (16, 256, 8, 4), "bwd": (8, 256, 8, 8)},
-        "bc64": {"fwd": (64, 64, 8, 4), "bwd": (32, 64, 8, 8)},
-        "w16": {"fwd": (64, 128, 16, 2), "bwd": (32, 128, 16, 4)},
-        "steps1": {"fwd": (32, 128, 8, 1), "bwd": (16, 128, 8, 1)},
-        "steps16": {"fwd": (32, 128, 8, 16), "bwd": (16, 128, 8, 16)},
+        "default": {"split": mod.BWD_SPLIT},
+        "split-dx128": {"split": True, "dx": (32, 128, 4, 4)},
+        "split-dx-w8": {"split": True, "dx": (32, 64, 8, 8)},
+        "split-steps1": {"split": True, "dact": (32, 128, 4, 1), "dx": (32, 64, 4, 1)},
+        "split-dact64": {"split": True, "dact": (64, 64, 4, 4)},
+        "fused-bc64": {"split": False, "bwd": (32, 64, 8, 8)},
+        "fused-bc64-w4": {"split": False, "bwd": (32, 64, 4, 8)},
+        "fwd-bc256": {"split": True, "fwd": (16, 256, 8, 4)},
     }
     only = os.environ.get("CONV_VARIANTS")
     variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
-    base = dict(mod.LAUNCH)
+    base, base_split = dict(mod.LAUNCH), mod.BWD_SPLIT
     gen = torch.Generator().manual_seed(0)
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
@@ -152,8 +153,11 @@ def conv() -> list[dict]:
         w = (torch.randn(3072, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
         dy = torch.randn(x.shape[0], x.shape[1], 3072, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()
-        for name, launch in variants.items():
-            mod.LAUNCH.update(launch)
+        for name, variant in variants.items():
+            launch = {k: v for k, v in variant.items() if k != "split"}
+            mod.LAUNCH.clear()
+            mod.LAUNCH.update(base, **launch)
+            mod.BWD_SPLIT = variant["split"]
 
             def f(x=x, w=w, cu_seqlens=cu_seqlens):
                 return mod.short_conv(x, w, cu_seqlens=cu_seqlens)
@@ -167,9 +171,11 @@ def conv() -> list[dict]:
                 print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             ms_f, ms_fb = sum(tf.values()), sum(tfb.values())
-            rows.append({"variant": name, "shape": shape, "launch": launch, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
+            rows.append({"variant": name, "shape": shape, "launch": variant, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
                          "gbs_fwd": 2 * n / ms_f / 1e6, "gbs_bwd": 3 * n / (ms_fb - ms_f) / 1e6, "kernels": tfb})
+    mod.LAUNCH.clear()
     mod.LAUNCH.update(base)
+    mod.BWD_SPLIT = base_split
     print("\n== short conv variants (bf16, C 3072, W 4, SiLU; kernel ms, effective GB/s)")
     print(f"{'variant':10} {'shape':20} {'fwd ms':>7} {'GB/s':>6} {'fwd+bwd':>8} {'bwd ms':>7} {'GB/s':>6}  launch")
     for r in rows:

@@ -46,6 +46,11 @@ CASES = {
     "conv_bwd": (conv.short_conv_bwd_kernel,
                  dict(D=512, W=4, WP=4, A=8, BT=16, BC=128, STEPS=8, USE_SEG=True, ACT=True), 3,
                  {"w": "*fp32", "dw": "*fp32"}),
+    "conv_bwd_dact": (conv.short_conv_bwd_dact_kernel,
+                      dict(D=512, W=4, A=8, BT=32, BC=128, STEPS=4, USE_SEG=True, ACT=True), 3,
+                      {"w": "*fp32", "da": "*fp32"}),
+    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, dict(D=512, W=4, WP=4, A=8, BT=32, BC=64, STEPS=4, USE_SEG=True),
+                    3, {"w": "*fp32", "da": "*fp32", "dw": "*fp32"}),
     # the GLA backward's fp32 states and state gradients, dotted in tf32
     "gla_bwd_h": (gla.chunk_gla_fwd_kernel_h, dict(GLA, USE_G=True, USE_H0=True, STORE_HT=True), 3,
                   {"h": "*fp32", **GLA_PTRS}),

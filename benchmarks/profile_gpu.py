@@ -124,20 +124,16 @@ def conv() -> list[dict]:
     (fwd), x and dy read and dx written (bwd)."""
     from linear_moe.kernels import short_conv as mod
 
-    # "split": False picks the fused backward ("bwd"); otherwise the two-pass one ("dact", "dx")
     variants = {
-        "default": {"split": mod.BWD_SPLIT},
-        "split-dx128": {"split": True, "dx": (32, 128, 4, 4)},
-        "split-dx-w8": {"split": True, "dx": (32, 64, 8, 8)},
-        "split-steps1": {"split": True, "dact": (32, 128, 4, 1), "dx": (32, 64, 4, 1)},
-        "split-dact64": {"split": True, "dact": (64, 64, 4, 4)},
-        "fused-bc64": {"split": False, "bwd": (32, 64, 8, 8)},
-        "fused-bc64-w4": {"split": False, "bwd": (32, 64, 4, 8)},
-        "fwd-bc256": {"split": True, "fwd": (16, 256, 8, 4)},
+        "default": {},
+        "dx128": {"dx": (32, 128, 4, 1)},
+        "steps4": {"dact": (32, 128, 4, 4), "dx": (32, 64, 4, 4)},
+        "w8": {"fwd": (32, 128, 8, 4), "dact": (32, 128, 8, 1), "dx": (32, 64, 8, 1)},
+        "fwd-bc256": {"fwd": (16, 256, 8, 4)},
     }
     only = os.environ.get("CONV_VARIANTS")
     variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
-    base, base_split = dict(mod.LAUNCH), mod.BWD_SPLIT
+    base = dict(mod.LAUNCH)
     gen = torch.Generator().manual_seed(0)
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
@@ -153,11 +149,9 @@ def conv() -> list[dict]:
         w = (torch.randn(3072, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
         dy = torch.randn(x.shape[0], x.shape[1], 3072, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()
-        for name, variant in variants.items():
-            launch = {k: v for k, v in variant.items() if k != "split"}
+        for name, launch in variants.items():
             mod.LAUNCH.clear()
             mod.LAUNCH.update(base, **launch)
-            mod.BWD_SPLIT = variant["split"]
 
             def f(x=x, w=w, cu_seqlens=cu_seqlens):
                 return mod.short_conv(x, w, cu_seqlens=cu_seqlens)
@@ -171,11 +165,10 @@ def conv() -> list[dict]:
                 print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             ms_f, ms_fb = sum(tf.values()), sum(tfb.values())
-            rows.append({"variant": name, "shape": shape, "launch": variant, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
+            rows.append({"variant": name, "shape": shape, "launch": launch, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
                          "gbs_fwd": 2 * n / ms_f / 1e6, "gbs_bwd": 3 * n / (ms_fb - ms_f) / 1e6, "kernels": tfb})
     mod.LAUNCH.clear()
     mod.LAUNCH.update(base)
-    mod.BWD_SPLIT = base_split
     print("\n== short conv variants (bf16, C 3072, W 4, SiLU; kernel ms, effective GB/s)")
     print(f"{'variant':10} {'shape':20} {'fwd ms':>7} {'GB/s':>6} {'fwd+bwd':>8} {'bwd ms':>7} {'GB/s':>6}  launch")
     for r in rows:

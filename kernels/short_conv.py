@@ -6,11 +6,10 @@ Segments are the packed documents (and MoM's per-memory segments) of a `[1, T, C
 position of its segment's first token; a dense `[B, T, C]` batch is one segment per row. The input may be a strided
 `[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied; a channel tile
 never crosses a unit, so its addresses are contiguous and the strides' common power-of-two factor is passed on for
-vector loads. One kernel writes y. The backward (dx and per-program partial dw, summed in torch, deterministic) runs
-as two passes (BWD_SPLIT: da = dy * act'(pre) in fp32, then dx and dw from da at the W targets) or as one fused kernel
-that recomputes the pre-activation at the W target rows of each source row. No atomics, no host sync. `naive_short_conv` is the per-segment F.conv1d
-definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a pure-torch path for CPU,
-initial states and decoding.
+vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (fp32), its second dx and
+per-program partial dw (summed in torch, deterministic). No atomics, no host sync. `naive_short_conv` is the
+per-segment F.conv1d definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a
+pure-torch path for CPU, initial states and decoding.
 """
 from __future__ import annotations
 
@@ -24,16 +23,13 @@ import triton.language as tl
 from linear_moe.kernels.common import use_triton
 
 # Per kernel: (BT token rows per step, BC channels, num_warps, steps). A program covers BT * steps tokens in a loop of
-# BT-row steps (a step's W-1 halo rows were just loaded by the step before, so they come from L1) and BC channels of
-# one unit; more steps: fewer programs and, in the backward, fewer dw partials to sum. The loads of a step are all
-# issued up front and hold registers, so the tiles are small per thread (16 and 8 elements): on sm_90 ptxas gives the
-# forward 102 registers (2 programs of 256 threads an SM) and the backward, with its W*W shifted x rows, 127 (2).
-# benchmarks/profile_gpu.py conv sweeps these on the GPU.
-# The backward is either the fused kernel ("bwd": pre-activation recomputed at W targets per row, W*W x loads) or,
-# with BWD_SPLIT, two passes ("dact" writes da = dy * act'(pre) in fp32, "dx" reads it at the W targets).
-LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "bwd": (32, 64, 8, 8),
-                                                 "dact": (32, 128, 4, 4), "dx": (32, 64, 4, 4)}
-BWD_SPLIT = True
+# BT-row steps and BC channels of one unit. The backward runs in two passes: "dact" writes da = dy * act'(pre) in fp32
+# (pre recomputed once per token), "dx" reads da at each source row's W targets (L1/L2 hits) for dx and the dw
+# partials. A fused single-pass backward (pre recomputed at the W targets, W*W x loads, no da in memory) measured
+# slower in every launch tried: 1.37-4.4 ms against this form's 1.06 ms at [16, 2048, 3072] on an H200.
+# Defaults: the best of `benchmarks/profile_gpu.py conv` on an H200 (2026-11-26); forward 0.15 ms at [16, 2048, 3072]
+# and 0.60 ms over MoM's packed [1, 98304, 3072] (0.41 and 1.08 ms before, H100), backward 1.07 and 3.05 ms.
+LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (32, 64, 4, 1)}
 
 
 @triton.jit
@@ -86,59 +82,10 @@ def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W:
 
 
 @triton.jit
-def short_conv_bwd_kernel(x, w, seg, dy, dx, dw, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
-                          WP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
-                          USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    """Per source row s: dx[s] = sum_j w[W-1-j] da[s+j] and dw[W-1-j] += x[s] da[s+j], over targets s+j in s's
-    segment; da = dy * act'(pre) is recomputed at each target from x (the W*W row loads hit L1)."""
-    i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
-    taps = _taps(w, c, m_d, W)
-    row = i_b.to(tl.int64) * T
-    o_w = tl.arange(0, WP)
-    b_dw = tl.zeros([BC, WP], dtype=tl.float32)
-    for i_s in range(STEPS):
-        o_t = (tl.program_id(0) * STEPS + i_s) * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        b_x = _x(base, o_t, m_t, o_d, m_d, sxt, A)
-        b_dx = tl.zeros([BT, BC], dtype=tl.float32)
-        for j in tl.static_range(W):
-            tgt = o_t + j
-            m_tgt = tgt < T
-            if USE_SEG:
-                start = tl.load(seg + tgt, mask=m_tgt, other=0)
-            else:
-                start = tl.zeros([BT], dtype=tl.int32)
-            # rows past T load dy = 0, so their da is 0
-            da = tl.load(dy + (row + tgt)[:, None] * C + c[None, :], mask=m_tgt[:, None] & m_d[None, :],
-                         other=0.0).to(tl.float32)
-            if ACT:
-                pre = tl.zeros([BT, BC], dtype=tl.float32)
-                for k in tl.static_range(W):
-                    if k == j:
-                        # x[s] itself; where s lies before the target's segment, da is masked below
-                        xv = b_x
-                    else:
-                        src = tgt - k
-                        xv = _x(base, src, m_tgt & (src >= start), o_d, m_d, sxt, A)
-                    pre += xv * taps[k][None, :]
-                sig = tl.sigmoid(pre)
-                da = da * sig * (1 + pre * (1 - sig))
-            if USE_SEG:
-                da = tl.where((o_t >= start)[:, None], da, 0.0)
-            b_dx += da * taps[j][None, :]
-            b_dw += tl.where(o_w[None, :] == W - 1 - j, tl.sum(b_x * da, 0)[:, None], 0.0)
-        p_dx = dx + (row + o_t)[:, None] * C + c[None, :]
-        tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-    i_p = i_b * tl.num_programs(0) + tl.program_id(0)
-    p_dw = dw + (i_p.to(tl.int64) * C + c)[:, None] * W + o_w[None, :]
-    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w < W)[None, :])
-
-
-@triton.jit
 def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
                                A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
                                USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    """Split backward, first pass: da = dy * act'(pre) (fp32), pre recomputed once per token as the forward does."""
+    """Backward, first pass: da = dy * act'(pre) (fp32), pre recomputed once per token as the forward does."""
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
     for i_s in range(STEPS):
@@ -164,7 +111,7 @@ def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, D: tl.con
 def short_conv_bwd_dx_kernel(x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
                              WP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                              STEPS: tl.constexpr, USE_SEG: tl.constexpr):
-    """Split backward, second pass: dx[s] = sum_j w[W-1-j] da[s+j] over targets s+j in s's segment (da read W times,
+    """Backward, second pass: dx[s] = sum_j w[W-1-j] da[s+j] over targets s+j in s's segment (da read W times,
     mostly from L1/L2) and this program's partial dw."""
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
@@ -232,25 +179,16 @@ class ShortConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
         common = dict(D=D, W=W, A=A, USE_SEG=seg is not None)
-        if BWD_SPLIT:
-            BT, BC, warps, steps = LAUNCH["dact"]
-            da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
-            short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](
-                x, w, seg, dy, da, T, C, sxb, sxt, sxu, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act,
-                num_warps=warps)
-            BT, BC, warps, steps = LAUNCH["dx"]
-            grid = _grid(x, D, BT, BC, steps)
-            dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
-            short_conv_bwd_dx_kernel[grid](
-                x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, **common, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
-                STEPS=steps, num_warps=warps)
-        else:
-            BT, BC, warps, steps = LAUNCH["bwd"]
-            grid = _grid(x, D, BT, BC, steps)
-            dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
-            short_conv_bwd_kernel[grid](
-                x, w, seg, dy, dx, dw, T, C, sxb, sxt, sxu, **common, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
-                STEPS=steps, ACT=ctx.act, num_warps=warps)
+        BT, BC, warps, steps = LAUNCH["dact"]
+        da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
+        short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](
+            x, w, seg, dy, da, T, C, sxb, sxt, sxu, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act, num_warps=warps)
+        BT, BC, warps, steps = LAUNCH["dx"]
+        grid = _grid(x, D, BT, BC, steps)
+        dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
+        short_conv_bwd_dx_kernel[grid](
+            x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, **common, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
+            STEPS=steps, num_warps=warps)
         return dx.view(x.shape), dw.sum(0).to(ctx.weight_dtype), None, None
 
 

@@ -54,8 +54,8 @@ def test_triton_equals_definition(case, view, act, dtype, tol):
 # (BT, BC, warps, steps) per kernel: "tiny" has 4-row steps, 3 steps a program and 16-channel tiles (two per 24-wide
 # unit, the second half masked), so a step spans several segments and a program ends mid-T; "wide" has 64-channel
 # tiles wider than a unit and one step a program
-LAUNCHES = {"tiny": {"fwd": (4, 16, 1, 3), "bwd": (4, 16, 1, 3), "dact": (4, 16, 1, 3), "dx": (4, 16, 1, 2)},
-            "wide": {"fwd": (8, 64, 2, 1), "bwd": (16, 64, 2, 1), "dact": (16, 64, 2, 1), "dx": (8, 64, 2, 1)}}
+LAUNCHES = {"tiny": {"fwd": (4, 16, 1, 3), "dact": (4, 16, 1, 3), "dx": (4, 16, 1, 2)},
+            "wide": {"fwd": (8, 64, 2, 1), "dact": (16, 64, 2, 1), "dx": (8, 64, 2, 1)}}
 EDGE_CASES = {"dense-B2-T37": (2, 37, None), "packed-T37": (1, 37, [0, 0, 1, 3, 9, 9, 10, 30, 37])}
 
 
@@ -63,12 +63,10 @@ EDGE_CASES = {"dense-B2-T37": (2, 37, None), "packed-T37": (1, 37, [0, 0, 1, 3, 
 @pytest.mark.parametrize("W,pad", [(4, 5), (3, 2), (4, 8)], ids=["W4-align1", "W3-align2", "W4-align8"])
 @pytest.mark.parametrize("case", list(EDGE_CASES))
 @pytest.mark.parametrize("launch", list(LAUNCHES))
-@pytest.mark.parametrize("split", [True, False], ids=["split-bwd", "fused-bwd"])
-def test_launch_edges(monkeypatch, split, launch, case, W, pad, act):
+def test_launch_edges(monkeypatch, launch, case, W, pad, act):
     """Small launch settings on a strided view whose unit stride D + pad has power-of-two factor 1, 2 or 8 (the
     alignment the kernel passes to Triton), W = 3 (taps padded to 4 in the dw tile), fp32 against the definition."""
     monkeypatch.setattr(conv_mod, "LAUNCH", LAUNCHES[launch])
-    monkeypatch.setattr(conv_mod, "BWD_SPLIT", split)
     B, T, cu = EDGE_CASES[case]
     U, D = 2, 24
     cu = torch.tensor(cu) if cu is not None else None

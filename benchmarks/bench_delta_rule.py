@@ -89,7 +89,7 @@ def measure_shape(B, T, H, D, ours, fla=None):
         try:
             q, k, v, beta, g = inputs(B, T, H, D, gated)
             leaves = [x for x in (q, k, v, beta, g) if x is not None]
-            t_f, t_fb, peak = measure(lambda: fn(q, k, v, beta, g), leaves)
+            t_f, t_fb, peak = measure(lambda fn=fn, q=q, k=k, v=v, beta=beta, g=g: fn(q, k, v, beta, g), leaves)
             rows.append({"kernel": name, "shape": shape, "fwd_ms": t_f, "fwdbwd_ms": t_fb, "peak_gib": peak,
                          "tok_s": B * T / t_fb * 1e3, "tflops": 3 * flop_f / t_fb * 1e-9})
         except Exception as e:  # noqa: BLE001 (report the row, keep going)
@@ -107,7 +107,7 @@ def measure_shape(B, T, H, D, ours, fla=None):
         fl = 2 * B * nh * T * T * hd
         rows.append({"kernel": f"sdpa_{nh}x{hd}", "shape": shape, "fwd_ms": t_f, "fwdbwd_ms": t_fb,
                      "peak_gib": peak, "tok_s": B * T / t_fb * 1e3, "tflops": 3.5 * fl / t_fb * 1e-9})
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (a row that fails is reported, the rest still run)
         rows.append({"kernel": "sdpa", "shape": shape, "error": repr(e)[:300]})
     print(json.dumps(rows[-1]), flush=True)
     torch.cuda.empty_cache()
@@ -126,16 +126,16 @@ def report(rows):
         with open(os.path.join(os.environ["OUT"], "bench_delta_rule.json"), "w") as f:
             json.dump(rows, f, indent=1)
     print("\n== table (vs_fla = fla time / our time; > 1 means faster than fla)")
-    print("%-14s %-22s %8s %10s %12s %8s %8s %10s %10s" % ("kernel", "shape", "fwd_ms", "fwdbwd_ms", "tok/s",
-                                                            "TFLOP/s", "peakGiB", "vs_fla_f", "vs_fla_fb"))
+    print(f"{'kernel':14} {'shape':22} {'fwd_ms':>8} {'fwdbwd_ms':>10} {'tok/s':>12} {'TFLOP/s':>8} {'peakGiB':>8} "
+          f"{'vs_fla_f':>10} {'vs_fla_fb':>10}")
     for r in rows:
         if "error" in r:
-            print("%-14s %-22s ERROR %s" % (r["kernel"], r["shape"], r["error"][:120]))
+            print(f"{r['kernel']:14} {r['shape']:22} ERROR {r['error'][:120]}")
             continue
-        print("%-14s %-22s %8.3f %10.3f %12.3g %8.1f %8.2f %10s %10s" % (
-            r["kernel"], r["shape"], r["fwd_ms"], r["fwdbwd_ms"], r["tok_s"], r["tflops"], r["peak_gib"],
-            "{:.2f}".format(r["vs_fla_fwd"]) if "vs_fla_fwd" in r else "", "{:.2f}".format(r["vs_fla_fwdbwd"])
-            if "vs_fla_fwdbwd" in r else ""))
+        vf = f"{r['vs_fla_fwd']:.2f}" if "vs_fla_fwd" in r else ""
+        vfb = f"{r['vs_fla_fwdbwd']:.2f}" if "vs_fla_fwdbwd" in r else ""
+        print(f"{r['kernel']:14} {r['shape']:22} {r['fwd_ms']:8.3f} {r['fwdbwd_ms']:10.3f} {r['tok_s']:12.3g} "
+              f"{r['tflops']:8.1f} {r['peak_gib']:8.2f} {vf:>10} {vfb:>10}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def kernels() -> list[dict]:
             mod.LAUNCH.clear()
             mod.LAUNCH.update(base, **launch)
 
-            def fb():
+            def fb(q=q, k=k, v=v, beta=beta, g=g, BT=BT, BK=BK, BV=BV):
                 o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV)
                 o.backward(torch.ones_like(o))
 
@@ -108,7 +108,7 @@ def layers() -> list[dict]:
         m = bench_mom.LAYERS[name]().to("cuda", torch.bfloat16).train()
         x = torch.randn(16, 2048, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
-        def fb():
+        def fb(m=m, x=x):
             m(x).float().sum().backward()
 
         t = cuda_times(fb, iters=3, ops=True)

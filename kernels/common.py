@@ -4,6 +4,7 @@ Nothing here knows about Megatron. Validation runs before any launch and raises 
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -92,7 +93,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int) -> None:
     c = cu_seqlens.tolist()
     if c[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {c[0]}")
-    if any(b < a for a, b in zip(c, c[1:])):
+    if any(b < a for a, b in itertools.pairwise(c)):
         raise ValueError("cu_seqlens must be non-decreasing")
     if c[-1] != T:
         raise ValueError(f"cu_seqlens must end at T={T}, got {c[-1]}")

@@ -178,7 +178,7 @@ class ShortConvFunction(torch.autograd.Function):
         sxb, sxt, sxu, D, A = _layout(x)
         dy = dy.contiguous()
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        common = dict(D=D, W=W, A=A, USE_SEG=seg is not None)
+        common = {"D": D, "W": W, "A": A, "USE_SEG": seg is not None}
         BT, BC, warps, steps = LAUNCH["dact"]
         da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
         short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](

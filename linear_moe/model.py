@@ -26,48 +26,48 @@ def transformer_config(cfg: Config, *, cpu: bool | None = None) -> TransformerCo
     bf16 = t.precision == "bf16" and not cpu
     fp16 = t.precision == "fp16" and not cpu
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-    kw = dict(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
-        normalization=m.normalization,
-        gated_linear_unit=m.gated_mlp,
-        activation_func=F.silu if m.gated_mlp else F.gelu,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tensor,
-        pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+    kw = {
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "num_query_groups": m.num_query_groups,
+        "ffn_hidden_size": m.ffn_hidden_size or 4 * m.hidden_size,
+        "normalization": m.normalization,
+        "gated_linear_unit": m.gated_mlp,
+        "activation_func": F.silu if m.gated_mlp else F.gelu,
+        "add_bias_linear": False,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "init_method_std": m.init_method_std,
+        "tensor_model_parallel_size": p.tensor,
+        "pipeline_model_parallel_size": p.pipeline,
+        "virtual_pipeline_model_parallel_size": p.virtual_pipeline,
         # The interleaved schedule sends activations forward and gradients backward in one exchange; batched into one
         # batch_isend_irecv, with two pipeline ranks both messages go to the same peer on the same communicator and
         # are matched in posting order, which swaps them (same shapes, no error). Megatron's unbatched path sends the
         # two directions on different communicators and orders them by rank parity (Megatron-LM's VPP setting too).
-        batch_p2p_comm=p.virtual_pipeline is None,
-        context_parallel_size=p.context,
-        expert_model_parallel_size=p.expert,
-        sequence_parallel=p.sequence_parallel,
-        bf16=bf16,
-        fp16=fp16,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        use_cpu_initialization=True,
-        bias_dropout_fusion=not cpu,
-        apply_rope_fusion=False,
+        "batch_p2p_comm": p.virtual_pipeline is None,
+        "context_parallel_size": p.context,
+        "expert_model_parallel_size": p.expert,
+        "sequence_parallel": p.sequence_parallel,
+        "bf16": bf16,
+        "fp16": fp16,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "use_cpu_initialization": True,
+        "bias_dropout_fusion": not cpu,
+        "apply_rope_fusion": False,
         # Megatron's fused softmax needs its compiled extension (built with apex / Megatron-LM); without it the
         # attention forward would fail on import, so the unfused torch softmax is used
-        masked_softmax_fusion=not cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
-        gradient_accumulation_fusion=False,
+        "masked_softmax_fusion": not cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
+        "gradient_accumulation_fusion": False,
         # apex's persistent LayerNorm kernels; Megatron's torch norms (no TE) refuse the flag
-        persist_layer_norm=False,
-        variable_seq_lengths=False,
+        "persist_layer_norm": False,
+        "variable_seq_lengths": False,
         # Layers differ along the pattern (mixer and FFN kind), so checkpoints key each layer by its global number
         # instead of stacking "same" weights of all layers into one tensor.
-        hetereogenous_dist_checkpoint=True,
-    )
+        "hetereogenous_dist_checkpoint": True,
+    }
     if has_moe:
         kw.update(
             num_moe_experts=m.moe.num_experts,

@@ -22,15 +22,15 @@ from linear_moe.registry import get_mixer
 def have_transformer_engine() -> bool:
     try:
         import transformer_engine  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 (optional; a broken install fails in many ways, not only ImportError)
         return False
     return True
 
 
 def _base_submodules(ffn: str, model: ModelConfig, use_te: bool):
     moe = ffn == "moe"
-    kw = dict(num_experts=model.moe.num_experts if moe else None,
-              moe_grouped_gemm=model.moe.grouped_gemm if moe else False)
+    kw = {"num_experts": model.moe.num_experts if moe else None,
+              "moe_grouped_gemm": model.moe.grouped_gemm if moe else False}
     if use_te:
         return gls.get_gpt_layer_with_transformer_engine_submodules(**kw)
     return gls.get_gpt_layer_local_submodules(normalization=model.normalization, **kw)

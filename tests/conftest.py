@@ -9,9 +9,9 @@ elif os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist workers (gw0, gw1, ...) spread over the visible GPUs; "cuda" then means the worker's own
     torch.cuda.set_device(int(os.environ["PYTEST_XDIST_WORKER"][2:]) % torch.cuda.device_count())
 
-import warnings  # noqa: E402
+import warnings
 
-import pytest  # noqa: E402
+import pytest
 
 # Megatron-Core warns at import that TE and apex are absent; that is the supported CPU configuration.
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")

@@ -163,7 +163,7 @@ def torch_chunk_gla(
     Same arguments and returns as `naive_recurrent_gla`. Sequences (and varlen segments, zero-padded to
     the longest: a host read of cu_seqlens) run as one batch folded into the head dim; the Triton path is sync-free.
     """
-    B, T, H, K, V, _ = validate_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
+    _, _, H, K, V, _ = validate_gla_inputs(q, k, v, g, initial_state, cu_seqlens)
     scale = K**-0.5 if scale is None else scale
     gf = _expand_gate(g, K)
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -173,7 +173,7 @@ def torch_chunk_gla(
         (qf, kf, vf, gf), index = unpack_varlen([qf, kf, vf, gf], cu_seqlens)
     N, L = qf.shape[:2]
     # sequences are independent like heads: fold them into the head dim, [L, N * H, D]
-    fold = lambda x: None if x is None else x.transpose(0, 1).reshape(L, N * H, x.shape[-1])  # noqa: E731
+    fold = lambda x: None if x is None else x.transpose(0, 1).reshape(L, N * H, x.shape[-1])
     S = torch.zeros(N * H, K, V, device=q.device) if initial_state is None else \
         initial_state.float().reshape(N * H, K, V)
     if L:

@@ -27,9 +27,9 @@ BF16 = ["k", "v", "w", "u", "q", "o", "A", "h", "v_new", "do", "dv", "dh", "dq",
 FP32 = ["beta", "g", "G", "Ti", "h0", "ht", "dht", "dh0", "dk", "dG", "dbeta", "dg", "da"]
 INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot"]
 TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32"}
-D256 = dict(H=4, K=256, V=256, BT=64, BK=64, BV=64)
-STATE = dict(H=4, K=256, V=256, BT=64, KP=256, BV=32)
-GLA = dict(H=4, K=256, V=256, BT=64, BK=64, BV=64, IS_VARLEN=True, PREC="tf32")
+D256 = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64}
+STATE = {"H": 4, "K": 256, "V": 256, "BT": 64, "KP": 256, "BV": 32}
+GLA = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": True, "PREC": "tf32"}
 GLA_PTRS = {"gc": "*fp32", "chunk_offsets": "*i32", "chunk_indices": "*i32"}
 
 CASES = {
@@ -42,12 +42,12 @@ CASES = {
                      {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, PREC="tf32"), 3, {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32"), 3, {}),
-    "conv_fwd": (conv.short_conv_fwd_kernel, dict(D=512, W=4, A=8, BT=32, BC=128, STEPS=4, USE_SEG=True, ACT=True),
+    "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True},
                  3, {"w": "*fp32"}),
     "conv_bwd_dact": (conv.short_conv_bwd_dact_kernel,
-                      dict(D=512, W=4, A=8, BT=32, BC=128, STEPS=4, USE_SEG=True, ACT=True), 3,
+                      {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True}, 3,
                       {"w": "*fp32", "da": "*fp32"}),
-    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, dict(D=512, W=4, WP=4, A=8, BT=32, BC=64, STEPS=4, USE_SEG=True),
+    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "WP": 4, "A": 8, "BT": 32, "BC": 64, "STEPS": 4, "USE_SEG": True},
                     3, {"w": "*fp32", "da": "*fp32", "dw": "*fp32"}),
     # the GLA backward's fp32 states and state gradients, dotted in tf32
     "gla_bwd_h": (gla.chunk_gla_fwd_kernel_h, dict(GLA, USE_G=True, USE_H0=True, STORE_HT=True), 3,
@@ -57,12 +57,12 @@ CASES = {
     "gla_bwd_inter": (gla.chunk_gla_bwd_kernel_inter, dict(GLA, USE_G=True), 3,
                       {"h": "*fp32", "dh": "*fp32", "dq": "*fp32", "dk": "*fp32", **GLA_PTRS}),
     "gla_bwd_intra": (gla.chunk_gla_bwd_kernel_intra,
-                      dict(H=4, K=256, BT=64, BK=64, BC=16, NC=4, USE_G=True, IS_VARLEN=True, PREC="tf32",
-                           DIAG_LOOP=True), 3,
+                      {"H": 4, "K": 256, "BT": 64, "BK": 64, "BC": 16, "NC": 4, "USE_G": True, "IS_VARLEN": True, "PREC": "tf32",
+                           "DIAG_LOOP": True}, 3,
                       {"dA": "*fp32", "dq_inter": "*fp32", "dk_inter": "*fp32", "dk": "*bf16", "dgt": "*fp32",
                        **GLA_PTRS}),
-    "combine_fwd": (combine.combine_fwd_kernel, dict(KP=3, BD=1024), 3, {"w": "*fp32", "slot": "*i64"}),
-    "combine_bwd": (combine.combine_bwd_kernel, dict(KP=3, BD=1024), 3, {"w": "*fp32", "slot": "*i64",
+    "combine_fwd": (combine.combine_fwd_kernel, {"KP": 3, "BD": 1024}, 3, {"w": "*fp32", "slot": "*i64"}),
+    "combine_bwd": (combine.combine_bwd_kernel, {"KP": 3, "BD": 1024}, 3, {"w": "*fp32", "slot": "*i64",
                                                                           "dw": "*fp32"}),
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 
 import linear_moe.mixers.mom as mom_module
 import pytest
@@ -346,14 +347,23 @@ def test_gpu_forward_backward_has_no_host_sync():
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("kind", ["gated_delta", "gla"])
-def test_triton_path_equals_torch_path(kind):
+@pytest.mark.parametrize("kind,T,strong", [("gated_delta", 21, False), ("gla", 21, False), ("gated_delta", 200, True),
+                                           ("gla", 200, True)],
+                         ids=["gated_delta", "gla", "gated_delta-strong-decay", "gla-strong-decay"])
+def test_triton_path_equals_torch_path(kind, T, strong):
     """The GPU path (fused dispatch, Triton conv read in place, fused L2 norm, one varlen kernel, fused combine), run
-    under the Triton interpreter on CPU, equals the torch path: output and every gradient, fp32."""
+    under the Triton interpreter on CPU, equals the torch path: output and every gradient, fp32.
+
+    strong: A = 16 and dt near 0.2 (log decay ~3 a step, as initialisation can give) over segments of ~100 tokens, so
+    partial chunks pass a cumulative decay of -88 (the GPU NaN of the first 340M runs)."""
     torch.manual_seed(0)
     layer = build(hidden=64, heads=2, head_dim=16, memory_kind=kind, backend="triton")
-    x = torch.randn(21, 2, 64, requires_grad=True)
-    R = torch.randn(21, 2, 64)
+    if strong:
+        with torch.no_grad():
+            layer.A_log.fill_(math.log(16.0))
+            layer.dt_bias.fill_(-1.5)
+    x = torch.randn(T, 2, 64, requires_grad=True)
+    R = torch.randn(T, 2, 64)
     res = {}
     for backend in ("triton", "torch"):
         layer.backend = backend
@@ -362,4 +372,6 @@ def test_triton_path_equals_torch_path(kind):
         (y * R).sum().backward()
         res[backend] = {"out": y.detach(), **_grads(layer, x)}
     for name, ref in res["torch"].items():
-        assert rel(res["triton"][name], ref) < 1e-5, (name, rel(res["triton"][name], ref))
+        assert torch.isfinite(res["triton"][name]).all(), name
+        # strong decay: the decay-parameter gradients sum terms spanning e^-180 in another order (fp32): 5e-4
+        assert rel(res["triton"][name], ref) < (5e-4 if strong else 1e-5), (name, rel(res["triton"][name], ref))

@@ -7,9 +7,9 @@ Both compute in fp32 and return x's dtype. The torch versions (`torch_l2norm`, `
 definitions: the same expressions as `delta_rule.naive.l2norm` and `modules.gated_norm.GatedRMSNorm`, kept here so
 that the delta-rule kernels can import this module without a cycle. Inputs are read through an [M, R, D] view with
 strides (s_m, s_r, 1), so a head-split slice of a larger projection (`proj[..., :H * D].view(B, T, H, D)`) is read in
-place; anything that has no such view is copied first. Backward kernels recompute the normalised row from the saved
-input and the fp32 rstd [M, R]; the weight gradient is reduced deterministically (per-program fp32 partial sums,
-then one torch sum).
+place; anything that has no such view is copied first. The L2 norm's backward reads its saved output and the fp32
+rstd [M, R]; the gated norm's recomputes the normalised row from the saved input and rstd, and reduces the weight
+gradient deterministically (per-program fp32 partial sums, then one torch sum).
 """
 from __future__ import annotations
 
@@ -104,21 +104,20 @@ def l2norm_fwd_kernel(
 
 @triton.jit
 def l2norm_bwd_kernel(
-    x, rstd, dy, dx, M, R, sx_m, sx_r,
+    y, rstd, dy, dx, M, R,
     D: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
 ):
-    """dx = (dy - y * sum(dy * y)) * rstd with y = x * rstd; dy and dx are contiguous [M, R, D]."""
+    """dx = (dy - y * sum(dy * y)) * rstd from the saved output y; y, dy and dx are contiguous [M, R, D]."""
     i_m, i_r = tl.program_id(0), tl.program_id(1)
-    p_x, m_x = _rows(x, i_m, i_r, M, sx_m, sx_r, D, BM, BD)
+    p_y, m_y = _rows(y, i_m, i_r, M, R * D, D, D, BM, BD)
     p_dy, _ = _rows(dy, i_m, i_r, M, R * D, D, D, BM, BD)
     p_dx, _ = _rows(dx, i_m, i_r, M, R * D, D, D, BM, BD)
     o_m = i_m * BM + tl.arange(0, BM)
     b_r = tl.load(rstd + o_m.to(tl.int64) * R + i_r, mask=o_m < M, other=0.0)
-    b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
-    b_dy = tl.load(p_dy, mask=m_x, other=0.0).to(tl.float32)
-    b_y = b_x * b_r[:, None]
+    b_y = tl.load(p_y, mask=m_y, other=0.0).to(tl.float32)
+    b_dy = tl.load(p_dy, mask=m_y, other=0.0).to(tl.float32)
     b_dx = (b_dy - b_y * tl.sum(b_dy * b_y, 1)[:, None]) * b_r[:, None]
-    tl.store(p_dx, b_dx.to(p_dx.dtype.element_ty), mask=m_x)
+    tl.store(p_dx, b_dx.to(p_dx.dtype.element_ty), mask=m_y)
 
 
 @triton.jit
@@ -196,13 +195,13 @@ def l2norm_fwd(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]
     return y, rstd
 
 
-def l2norm_bwd(x: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """dy contiguous [M, R, D] -> dx contiguous [M, R, D] in x's dtype."""
-    M, R, D = x.shape
+def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """The forward's output y and dy, contiguous [M, R, D] -> dx contiguous [M, R, D] in y's dtype."""
+    M, R, D = y.shape
     BM, BD = _bm(D)
-    dx = _empty(M, R, D, dtype=x.dtype, device=x.device)
+    dx = _empty(M, R, D, dtype=y.dtype, device=y.device)
     l2norm_bwd_kernel[(triton.cdiv(M, BM), R)](
-        x, rstd, dy, dx, M, R, x.stride(0), x.stride(1), D=D, BM=BM, BD=BD, num_warps=LAUNCH["warps"],
+        y, rstd, dy, dx, M, R, D=D, BM=BM, BD=BD, num_warps=LAUNCH["warps"],
     )
     return dx
 
@@ -239,16 +238,20 @@ def gated_rmsnorm_bwd(x, weight, gate, rstd, dy):
 
 
 class L2NormFunction(torch.autograd.Function):
+    """Saves its output (which the recurrence keeps anyway), not its input: the input is usually a view of the conv's
+    whole output, which this way is freed after the forward (as fla's L2 norm does; the backward's y is the stored
+    16-bit one)."""
+
     @staticmethod
     def forward(ctx, x, eps):
         y, rstd = l2norm_fwd(x, eps)
-        ctx.save_for_backward(x, rstd)
+        ctx.save_for_backward(y, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, rstd = ctx.saved_tensors
-        return l2norm_bwd(x, rstd, dy.contiguous()), None
+        y, rstd = ctx.saved_tensors
+        return l2norm_bwd(y, rstd, dy.contiguous()), None
 
 
 class GatedRMSNormFunction(torch.autograd.Function):

@@ -1,7 +1,7 @@
-"""Every kernel of the delta rule, the short conv and MoM's combine, and the GLA backward's fp32-state kernels, compile
-for Hopper (sm_90, bf16) without a GPU: the Triton interpreter runs the kernels' Python, not their compilation, so
-this is CI's check that the compiled kernels build (constexpr use, layouts, shared memory within the H100's 227 KB)
-at the shapes the layers use.
+"""Every kernel of the delta rule, the short conv and MoM's combine, the L2 norm's backward and the GLA backward's
+fp32-state kernels compile for Hopper (sm_90, bf16) without a GPU: the Triton interpreter runs the kernels' Python,
+not their compilation, so this is CI's check that the compiled kernels build (constexpr use, layouts, shared memory
+within the H100's 227 KB) at the shapes the layers use.
 
 The compilation runs in a subprocess without TRITON_INTERPRET (this file is also that subprocess's script), since
 under the interpreter the kernels are plain Python functions. Triton here may be newer than a cluster's."""
@@ -19,6 +19,7 @@ import linear_moe.kernels.mom_combine as combine
 import linear_moe.kernels.short_conv as conv
 import pytest
 import triton
+from linear_moe.kernels import norms
 
 SMEM_H100 = 232448
 
@@ -61,6 +62,7 @@ CASES = {
                            "DIAG_LOOP": True}, 3,
                       {"dA": "*fp32", "dq_inter": "*fp32", "dk_inter": "*fp32", "dk": "*bf16", "dgt": "*fp32",
                        **GLA_PTRS}),
+    "l2norm_bwd": (norms.l2norm_bwd_kernel, {"D": 256, "BM": 8, "BD": 256}, 3, {"rstd": "*fp32"}),
     "combine_fwd": (combine.combine_fwd_kernel, {"KP": 3, "BD": 1024}, 3, {"w": "*fp32", "slot": "*i64"}),
     "combine_bwd": (combine.combine_bwd_kernel, {"KP": 3, "BD": 1024}, 3, {"w": "*fp32", "slot": "*i64",
                                                                           "dw": "*fp32"}),

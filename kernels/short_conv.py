@@ -60,6 +60,20 @@ def _taps(w, c, m_d, W: tl.constexpr):
 
 
 @triton.jit
+def _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W: tl.constexpr, A: tl.constexpr, BC: tl.constexpr,
+            USE_SEG: tl.constexpr):
+    """[BT, BC] fp32 pre-activation at tokens o_t: the W taps over x[t-k], counted only inside t's segment."""
+    if USE_SEG:
+        start = tl.load(seg + o_t, mask=m_t, other=0)
+    else:
+        start = tl.zeros_like(o_t)
+    acc = tl.zeros([o_t.shape[0], BC], dtype=tl.float32)
+    for k in tl.static_range(W):
+        acc += _x(base, o_t - k, m_t & (o_t - k >= start), o_d, m_d, sxt, A) * taps[k][None, :]
+    return acc
+
+
+@triton.jit
 def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr, A: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
                           USE_SEG: tl.constexpr, ACT: tl.constexpr):
@@ -68,13 +82,7 @@ def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W:
     for i_s in range(STEPS):
         o_t = (tl.program_id(0) * STEPS + i_s) * BT + tl.arange(0, BT)
         m_t = o_t < T
-        if USE_SEG:
-            start = tl.load(seg + o_t, mask=m_t, other=0)
-        else:
-            start = tl.zeros([BT], dtype=tl.int32)
-        acc = tl.zeros([BT, BC], dtype=tl.float32)
-        for k in tl.static_range(W):
-            acc += _x(base, o_t - k, m_t & (o_t - k >= start), o_d, m_d, sxt, A) * taps[k][None, :]
+        acc = _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W, A, BC, USE_SEG)
         if ACT:
             acc = acc * tl.sigmoid(acc)
         p_y = y + (i_b.to(tl.int64) * T + o_t)[:, None] * C + c[None, :]
@@ -95,13 +103,7 @@ def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, D: tl.con
         m = m_t[:, None] & m_d[None, :]
         b_da = tl.load(dy + off, mask=m, other=0.0).to(tl.float32)
         if ACT:
-            if USE_SEG:
-                start = tl.load(seg + o_t, mask=m_t, other=0)
-            else:
-                start = tl.zeros([BT], dtype=tl.int32)
-            pre = tl.zeros([BT, BC], dtype=tl.float32)
-            for k in tl.static_range(W):
-                pre += _x(base, o_t - k, m_t & (o_t - k >= start), o_d, m_d, sxt, A) * taps[k][None, :]
+            pre = _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W, A, BC, USE_SEG)
             sig = tl.sigmoid(pre)
             b_da = b_da * sig * (1 + pre * (1 - sig))
         tl.store(da + off, b_da, mask=m)

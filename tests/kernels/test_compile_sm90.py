@@ -93,6 +93,8 @@ def compile_all() -> dict[str, str]:
 def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
+    # Triton wheels ship ptxas; a stripped install (some distro packages) cannot compile for any GPU, so there is
+    # nothing to check there, and the GPU tests on the H100 still compile every kernel for real
     if run.returncode != 0 and "ptxas" in run.stderr and "not found" in run.stderr:
         pytest.skip("Triton's bundled ptxas is missing: nothing to compile with")
     assert run.returncode == 0, run.stderr[-2000:]

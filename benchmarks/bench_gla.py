@@ -1,6 +1,7 @@
 """Benchmark chunk_gla (vector and scalar decay) against fla 0.6.0's chunk_gla / chunk_simple_gla and torch SDPA.
 
     python benchmarks/bench_gla.py            # bf16, B16xT2048 and B4xT8192 at H4xD256 and H16xD128
+    SHAPES=4x8192x4x256 python benchmarks/bench_gla.py   # chosen shapes only (BxTxHxD, comma-separated)
 
 Prints the card, torch, triton and commit first, one table last; writes $OUT/bench_gla.json when OUT is set.
 TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
@@ -19,7 +20,8 @@ import triton
 from linear_moe.kernels.gla import chunk_gla
 from triton.testing import do_bench
 
-SHAPES = [(16, 2048, 4, 256), (4, 8192, 4, 256), (16, 2048, 16, 128), (4, 8192, 16, 128)]
+SHAPES = [tuple(map(int, s.split("x"))) for s in
+          os.environ.get("SHAPES", "16x2048x4x256,4x8192x4x256,16x2048x16x128,4x8192x16x128").split(",")]
 
 
 def header() -> None:

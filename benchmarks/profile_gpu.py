@@ -1,7 +1,7 @@
 """Where the GPU time goes: per-kernel times of our delta-rule kernels under launch/block variants, and per-op times of
 the gated DeltaNet and MoM layers (bf16, hidden 2048, 4 heads x 256, 32768 tokens), from torch.profiler.
 
-Run: python benchmarks/profile_gpu.py [kernels] [layers] [conv]   [VARIANTS=default,warps8,...]
+Run: python benchmarks/profile_gpu.py [kernels] [layers] [conv] [proj]   [VARIANTS=default,warps8,...]
      [CONV_VARIANTS=default,bt16,...]   (JSON in $OUT when set; PROFILE="conv layers" stands in for the arguments)
 Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH, kernels/short_conv.py LAUNCH) and to find
 layer overheads; the numbers to report come from bench_*.py.
@@ -53,14 +53,14 @@ def kernels() -> list[dict]:
     from linear_moe.kernels.delta_rule import chunk as mod
 
     rows = []
-    shapes = [(16, 2048, 4, 256), (4, 8192, 16, 128)]
+    shapes = [(16, 2048, 4, 256), (4, 8192, 4, 256), (4, 8192, 16, 128)]
     variants = [
         ("default", {}, (64, 64, 64)),
         ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 64, 64)),
         ("BK128", {}, (64, 128, 64)),
-        ("BV128", {}, (64, 64, 128)),
-        ("BK128-BV128-w8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 128, 128)),
         ("stages2", {k: (w, 2 if s is None else s) for k, (w, s) in mod.LAUNCH.items()}, (64, 64, 64)),
+        ("state-stages2", {"h": (4, 2), "dh": (4, 2)}, (64, 64, 64)),
+        ("state-warps8", {"h": (8, 1), "dh": (8, 1)}, (64, 64, 64)),
     ]
     only = os.environ.get("VARIANTS")
     variants = [v for v in variants if not only or v[0] in only.split(",")]
@@ -177,6 +177,46 @@ def conv() -> list[dict]:
     return rows
 
 
+def proj() -> list[dict]:
+    """MoM's in_proj at the benchmark shape (32768 tokens, hidden 2048, 4 heads x 256, M = 4 top-2 + shared): one
+    dense GEMM projecting every token for all 5 memories, against a dense GEMM for q, the gate and the shared memory
+    plus a grouped GEMM (torch._grouped_mm) over the 65536 routed slots gathered in memory order."""
+    N, hid, H, D, M, k = 32768, 2048, 4, 256, 4, 2
+    mem = H * (2 * D + 2)
+    x = torch.randn(N, hid, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_all = (torch.randn(2 * H * D + (M + 1) * mem, hid, device="cuda") * 0.02).bfloat16().requires_grad_()
+    w_dense = (torch.randn(2 * H * D + mem, hid, device="cuda") * 0.02).bfloat16().requires_grad_()
+    w_routed = (torch.randn(M, mem, hid, device="cuda") * 0.02).bfloat16().requires_grad_()
+    memories = torch.rand(N, M, device="cuda").topk(k, dim=1).indices
+    order = memories.reshape(-1).argsort(stable=True)
+    src = order // k
+    offs = torch.bincount(memories.reshape(-1), minlength=M).cumsum(0).to(torch.int32)
+
+    def dense():
+        return x @ w_all.t()
+
+    def routed():
+        xs = x.index_select(0, src)
+        return x @ w_dense.t(), torch._grouped_mm(xs, w_routed.transpose(-2, -1), offs=offs)
+
+    def fb(f):
+        outs = f()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+
+    rows = []
+    for name, f in (("dense all memories", dense), ("dense + grouped routed", routed)):
+        with torch.no_grad():
+            tf = cuda_times(f, iters=10)
+        tfb = cuda_times(lambda f=f: fb(f), iters=10)
+        rows.append({"variant": name, "ms_fwd": sum(tf.values()), "ms_fwd_bwd": sum(tfb.values()), "kernels": tfb})
+        show(f"proj {name} fwd+bwd", tfb, top=10)
+    print("\n== MoM in_proj (32768 tokens, bf16)")
+    for r in rows:
+        print(f"{r['variant']:24} fwd {r['ms_fwd']:6.3f} ms  fwd+bwd {r['ms_fwd_bwd']:6.3f} ms")
+    return rows
+
+
 def main() -> None:
     what = sys.argv[1:] or os.environ.get("PROFILE", "kernels layers").split()
     print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__)
@@ -187,6 +227,8 @@ def main() -> None:
         res["layers"] = layers()
     if "conv" in what:
         res["conv"] = conv()
+    if "proj" in what:
+        res["proj"] = proj()
     if OUT:
         with open(os.path.join(OUT, "profile_gpu.json"), "w") as f:
             json.dump(res, f, indent=1)

@@ -138,7 +138,7 @@ class MixtureOfMemories(LinearMixer):
 
     def router_logits(self, hidden_states: Tensor) -> Tensor:
         """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
-        return F.linear(hidden_states.float(), self.router.weight.float())
+        return routing.router_logits(hidden_states, self.router.weight)
 
     def project_tokens(self, hidden_states: Tensor) -> tuple[Tensor, int, int]:
         """in_proj of every token (sequence gathered under SP) -> units `[N, H, unit_width]` (`unit_sections`), T,

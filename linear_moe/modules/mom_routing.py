@@ -39,6 +39,37 @@ class Dispatch:
     """[N, k] bool: the routed slot survived the capacity limit (None without a capacity)."""
 
 
+class _HalfGemmFp32Logits(torch.autograd.Function):
+    """16-bit x [N, h] @ w^T -> fp32 logits [N, M] in one GEMM with fp32 accumulation and output (CUDA).
+
+    Products of 16-bit values are exact in fp32, so this equals F.linear(x.float(), w.float()) up to summation order,
+    without the fp32 copy of x and the fp32 GEMMs. The backward's GEMMs run in x's dtype with fp32 accumulation, like
+    every other 16-bit backward GEMM of the layer; dw comes out in fp32 before its cast to w's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, dlogits):
+        x, w = ctx.saved_tensors
+        dl = dlogits.to(x.dtype)
+        dx = torch.mm(dl, w.to(x.dtype)) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(dl.t(), x, out_dtype=torch.float32).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits x [..., h] @ weight [M, h]^T -> [..., M].
+
+    16-bit inputs on CUDA take one 16-bit GEMM with fp32 output (no fp32 copies of the hidden states and of their
+    gradient); elsewhere the fp32 GEMM of the upcast inputs."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        return _HalfGemmFp32Logits.apply(x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
 def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, M] -> (probs [N, M] fp32, weights [N, k] fp32 renormalised to sum 1, memories [N, k] int64)."""
     probs = torch.softmax(logits.float(), dim=-1)

@@ -295,13 +295,16 @@ def test_eval_mode_has_no_aux(aux_log):
 def test_gpu_bf16_matches_fp32_reference():
     """B2 T2048 hidden 1024, 4 heads x 256: bf16 fast path error <= 2x the bf16 reference's own error + margin.
 
-    The fp32 reference copies the bf16 weights, so both route identically (logits are fp32 from equal values)."""
+    The fp32 reference copies the bf16 weights and computes its router logits by the same bf16 GEMM with fp32 output
+    (test_gpu_router_logits_match_fp32 checks that GEMM against fp32), so all three route identically: a logit that
+    differs in its last bits could flip a near-tie and move a token to another memory."""
     B, T = 2, 2048
     layer = build(hidden=1024, heads=4, head_dim=256, dtype=torch.bfloat16, device="cuda")
     ref32 = build(hidden=1024, heads=4, head_dim=256, dtype=torch.float32, device="cuda")
     with torch.no_grad():
         for p32, p16 in zip(ref32.parameters(), layer.parameters(), strict=True):
             p32.copy_(p16.float())
+    ref32.router_logits = lambda h: routing.router_logits(h.bfloat16(), ref32.router.weight.bfloat16())
     chunk = layer.kernel("chunk")
     # per segment: the bf16 reference uses the same Triton kernel; the fp32 one the pure-torch chunked path (already
     # tested against the definition, and no fp32 Triton compile at K = 256)
@@ -326,6 +329,23 @@ def test_gpu_bf16_matches_fp32_reference():
     errors = {n: (rel(outs["fast"][n], outs["ref32"][n]), rel(outs["ref16"][n], outs["ref32"][n])) for n in outs["ref32"]}
     bad = {n: e for n, e in errors.items() if e[0] > 2 * e[1] + 1e-3}
     assert not bad, f"(fast, ref16) errors against fp32 where fast > 2 ref16 + 1e-3: {bad}; all: {errors}"
+
+
+@pytest.mark.gpu
+def test_gpu_router_logits_match_fp32():
+    """The bf16 GEMM with fp32 output equals the fp32 GEMM of the upcast inputs; its gradients match to bf16."""
+    x = torch.randn(8192, 2048, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(8, 2048, device="cuda") * 0.02).bfloat16().requires_grad_()
+    dl = torch.randn(8192, 8, device="cuda")
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    logits = routing.router_logits(x, w)
+    ref = torch.nn.functional.linear(x32, w32)
+    assert logits.dtype == torch.float32
+    assert rel(logits, ref) < 1e-5
+    logits.backward(dl)
+    ref.backward(dl)
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert rel(x.grad, x32.grad) < 1e-2 and rel(w.grad, w32.grad) < 1e-2
 
 
 @pytest.mark.gpu

@@ -58,9 +58,9 @@ def kernels() -> list[dict]:
         ("default", {}, (64, 64, 64)),
         ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 64, 64)),
         ("BK128", {}, (64, 128, 64)),
-        ("stages2", {k: (w, 2 if s is None else s) for k, (w, s) in mod.LAUNCH.items()}, (64, 64, 64)),
-        ("state-stages2", {"h": (4, 2), "dh": (4, 2)}, (64, 64, 64)),
-        ("state-warps8", {"h": (8, 1), "dh": (8, 1)}, (64, 64, 64)),
+        ("stages2", {k: (w, 2) for k, (w, _) in mod.LAUNCH.items() if k not in ("h", "dh")}, (64, 64, 64)),
+        ("state-stages1", {"h": (4, 1), "dh": (4, 1)}, (64, 64, 64)),
+        ("state-warps8", {"h": (8, None), "dh": (8, None)}, (64, 64, 64)),
     ]
     only = os.environ.get("VARIANTS")
     variants = [v for v in variants if not only or v[0] in only.split(",")]

@@ -29,16 +29,20 @@ from linear_moe.kernels.norms import l2norm
 DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 
 
-# Launch settings per kernel: (num_warps, num_stages); stages None = 3 for 16-bit inputs, 2 for fp32 (fp32 tiles are
-# twice as large). benchmarks/sweep_kernels.py varies these on a GPU to pick the defaults.
+# Launch settings per kernel: (num_warps, num_stages). Stages None: 3 for 16-bit inputs, 2 for fp32 (fp32 tiles are
+# twice as large); for the state kernels h and dh, 2 for 16-bit inputs at K <= 128 and 1 otherwise: they hold a
+# [K, BV] fp32 state beside [BT, K] tiles, and at K = 256 two stages need 238 KB of shared memory (an H100 has 227 KB).
+# At K = 128 two stages cut h and dh by 30% (B4 x T8192, H16, H100). `benchmarks/profile_gpu.py kernels` varies these.
 LAUNCH: dict[str, tuple[int, int | None]] = {
-    "wy": (4, None), "h": (4, 1), "o": (4, None), "dh": (4, 1), "dqkw": (4, None), "bwd_wy": (4, None),
+    "wy": (4, None), "h": (4, None), "o": (4, None), "dh": (4, None), "dqkw": (4, None), "bwd_wy": (4, None),
 }
 
 
-def _launch(name: str, dtype: torch.dtype) -> dict[str, int]:
+def _launch(name: str, dtype: torch.dtype, KP: int | None = None) -> dict[str, int]:
     warps, stages = LAUNCH[name]
-    if stages is None:
+    if stages is None and name in ("h", "dh"):
+        stages = 2 if dtype != torch.float32 and KP <= 128 else 1
+    elif stages is None:
         stages = 2 if dtype == torch.float32 else 3
     return {"num_warps": warps, "num_stages": stages}
 
@@ -517,7 +521,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     BVS = _state_bv(KP, BV)
     chunk_delta_rule_fwd_kernel_h[(triton.cdiv(V, BVS), N * H)](
         k, w, u, G, h, v_new, initial_state, ht, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, **_launch("h", dt),
+        USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, **_launch("h", dt, KP),
     )
     if recompute:
         return Forward(None, ht, w, u, h, v_new, G, None, Ti)
@@ -550,7 +554,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     BVS = _state_bv(KP, BV)
     chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(V, BVS), N * H)](
         q, k, w, G, A, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **_launch("dh", dt),
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **_launch("dh", dt, KP),
     )
     dq = _empty(1, TT, H, K, dtype=dt, device=dev)
     dk = _empty(1, TT, H, K, dtype=torch.float32, device=dev)

@@ -243,12 +243,15 @@ def _gpu_reference(inputs, **kw):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("blocks,gated", [(GPU_BLOCKS[0], False)] + [(b, True) for b in GPU_BLOCKS],
+@pytest.mark.parametrize("blocks,gated,heads", [(GPU_BLOCKS[0], False, 4)] + [(b, True, 4) for b in GPU_BLOCKS]
+                         + [(GPU_BLOCKS[0], True, 8)],
                          ids=lambda x: "BT{}-BK{}-BV{}".format(*x) if isinstance(x, tuple) else
-                         ("gated" if x else "plain"))
-def test_gpu_chunk_bf16_full_shape(blocks, gated):
+                         {True: "gated", False: "plain", 4: "H4xD256", 8: "H8xD128"}[x])
+def test_gpu_chunk_bf16_full_shape(blocks, gated, heads):
+    """B2 x T2048 at H4 x D256 and H8 x D128 (the state kernels' two-stage launch)."""
     BT, BK, BV = blocks
-    inputs = make_inputs(2, 2048, 4, 256, 256, gated, dtype=torch.bfloat16, device="cuda")
+    D = 1024 // heads
+    inputs = make_inputs(2, 2048, heads, D, D, gated, dtype=torch.bfloat16, device="cuda")
     ref = _gpu_reference(inputs, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, use_qk_l2norm=True, chunk_size=BT, block_k=BK, block_v=BV)
     errs = {n: rel(got[n], ref[n]) for n in ref}

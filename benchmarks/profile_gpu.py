@@ -106,7 +106,7 @@ def layers() -> list[dict]:
     for name in ("gdn", "mom_4x2_shared"):
         torch.manual_seed(0)
         m = bench_mom.LAYERS[name]().to("cuda", torch.bfloat16).train()
-        x = torch.randn(16, 2048, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x = bench_mom.layer_input(m, 16, 2048)
 
         def fb(m=m, x=x):
             m(x).float().sum().backward()

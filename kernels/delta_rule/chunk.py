@@ -483,8 +483,8 @@ def _state_bv(KP: int, BV: int) -> int:
 class Forward(NamedTuple):
     o: torch.Tensor | None
     ht: torch.Tensor | None
-    w: torch.Tensor
-    u: torch.Tensor
+    w: torch.Tensor | None
+    """The WY keys [1, TT, H, K] (the backward's recomputation only; u, the WY values, is read by no backward kernel)."""
     h: torch.Tensor
     v_new: torch.Tensor
     G: torch.Tensor
@@ -523,15 +523,17 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
         k, w, u, G, h, v_new, initial_state, ht, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
         USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, **_launch("h", dt, KP),
     )
+    del u  # read by the state kernel only
     if recompute:
-        return Forward(None, ht, w, u, h, v_new, G, None, Ti)
+        return Forward(None, ht, w, h, v_new, G, None, Ti)
+    del w  # the output kernel does not read it: its memory can go to o and A
     o = _empty(1, TT, H, V, dtype=dt, device=dev)
     A = _empty(1, TT, H, BT, dtype=dt, device=dev) if training else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(V, BV), NT, H)](
         q, k, v_new, h, G, o, A, scale, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec,
         STORE_A=training, **_launch("o", dt),
     )
-    return Forward(o, ht, w, u, h, v_new, G, A, None)
+    return Forward(o, ht, None, h, v_new, G, A, None)
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
@@ -543,7 +545,10 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     N = cu_seqlens.numel() - 1
     dev, dt = q.device, q.dtype
     fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, False, cu_seqlens, BT, BK, BV, recompute=True)
-    w, h, v_new, G = fwd.w, fwd.h, fwd.v_new, fwd.G
+    # each recomputed intermediate is dropped once its last reader has run: the peak is at the dqkw kernel, which
+    # holds h and dh [NT, H, K, V] together, and w no longer adds to it
+    w, h, v_new, G, Ti = fwd.w, fwd.h, fwd.v_new, fwd.G, fwd.Ti
+    del fwd
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
     NK = triton.cdiv(K, BK)
     cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
@@ -556,6 +561,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
         q, k, w, G, A, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **_launch("dh", dt, KP),
     )
+    del w
     dq = _empty(1, TT, H, K, dtype=dt, device=dev)
     dk = _empty(1, TT, H, K, dtype=torch.float32, device=dev)
     dw = _empty(1, TT, H, K, dtype=dt, device=dev)
@@ -564,12 +570,13 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
         q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, cu, info, N, TT,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, **_launch("dqkw", dt),
     )
+    del h, dh, v_new
     dk_out = _empty(1, TT, H, K, dtype=dt, device=dev)
     dv = _empty(1, TT, H, V, dtype=dt, device=dev)
     dbeta = _empty(1, TT, H, dtype=torch.float32, device=dev)
     dg = _empty(1, TT, H, dtype=torch.float32, device=dev)
     chunk_delta_rule_bwd_kernel_wy[(NT, H)](
-        k, v, beta, G, fwd.Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
+        k, v, beta, G, Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
         H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NK=NK, PREC=prec,
         **_launch("bwd_wy", dt),
     )

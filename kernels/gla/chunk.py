@@ -675,6 +675,7 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
         v, gcp, h, do, dh, dq_inter, dk_inter, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
         BV=BV, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
     )
+    del h, dh  # the fp32 states' last reader has run: dq, dk and dgt can take their memory
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
     dk = _empty(B, T, H, K, dtype=k.dtype, device=q.device)
     dgt = _empty(B, T, H, K, dtype=torch.float32, device=q.device) if use_g else None

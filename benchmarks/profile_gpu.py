@@ -8,6 +8,7 @@ layer overheads; the numbers to report come from bench_*.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,6 +50,18 @@ def show(title: str, times: dict[str, float], top: int = 18) -> None:
         print(f"{ms:8.3f} ms {100 * ms / total:5.1f}%  {name}")
 
 
+@contextlib.contextmanager
+def launch_settings(table: dict, changes: dict):
+    """A kernel module's LAUNCH table with `changes` applied inside the block, restored after it."""
+    base = dict(table)
+    table.update(changes)
+    try:
+        yield
+    finally:
+        table.clear()
+        table.update(base)
+
+
 def kernels() -> list[dict]:
     from linear_moe.kernels.delta_rule import chunk as mod
 
@@ -64,7 +77,6 @@ def kernels() -> list[dict]:
     ]
     only = os.environ.get("VARIANTS")
     variants = [v for v in variants if not only or v[0] in only.split(",")]
-    base = dict(mod.LAUNCH)
     for B, T, H, D in shapes:
         q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
@@ -72,22 +84,19 @@ def kernels() -> list[dict]:
         beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
         g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
         for name, launch, (BT, BK, BV) in variants:
-            mod.LAUNCH.clear()
-            mod.LAUNCH.update(base, **launch)
 
             def fb(q=q, k=k, v=v, beta=beta, g=g, BT=BT, BK=BK, BV=BV):
                 o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV)
                 o.backward(torch.ones_like(o))
 
             try:
-                t = cuda_times(fb)
+                with launch_settings(mod.LAUNCH, launch):
+                    t = cuda_times(fb)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"{name} B{B}T{T}H{H}D{D}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             show(f"gated delta rule fwd+bwd {name} B{B}xT{T}xH{H}xD{D}", t, top=8)
             rows.append({"variant": name, "shape": [B, T, H, D], "ms": sum(t.values()), "kernels": t})
-    mod.LAUNCH.clear()
-    mod.LAUNCH.update(base)
     print("\n== kernel variants (fwd+bwd kernel ms, gated)")
     for r in rows:
         print(f"{r['variant']:18} {'x'.join(map(str, r['shape'])):16} {r['ms']:8.3f}")
@@ -133,7 +142,6 @@ def conv() -> list[dict]:
     }
     only = os.environ.get("CONV_VARIANTS")
     variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
-    base = dict(mod.LAUNCH)
     gen = torch.Generator().manual_seed(0)
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
@@ -150,8 +158,6 @@ def conv() -> list[dict]:
         dy = torch.randn(x.shape[0], x.shape[1], 3072, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()
         for name, launch in variants.items():
-            mod.LAUNCH.clear()
-            mod.LAUNCH.update(base, **launch)
 
             def f(x=x, w=w, cu_seqlens=cu_seqlens):
                 return mod.short_conv(x, w, cu_seqlens=cu_seqlens)
@@ -160,15 +166,14 @@ def conv() -> list[dict]:
                 torch.autograd.grad(f(), (x, w), dy)
 
             try:
-                tf, tfb = cuda_times(f, iters=10), cuda_times(fb, iters=10)
+                with launch_settings(mod.LAUNCH, launch):
+                    tf, tfb = cuda_times(f, iters=10), cuda_times(fb, iters=10)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")
                 continue
             ms_f, ms_fb = sum(tf.values()), sum(tfb.values())
             rows.append({"variant": name, "shape": shape, "launch": launch, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
                          "gbs_fwd": 2 * n / ms_f / 1e6, "gbs_bwd": 3 * n / (ms_fb - ms_f) / 1e6, "kernels": tfb})
-    mod.LAUNCH.clear()
-    mod.LAUNCH.update(base)
     print("\n== short conv variants (bf16, C 3072, W 4, SiLU; kernel ms, effective GB/s)")
     print(f"{'variant':10} {'shape':20} {'fwd ms':>7} {'GB/s':>6} {'fwd+bwd':>8} {'bwd ms':>7} {'GB/s':>6}  launch")
     for r in rows:

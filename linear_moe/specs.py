@@ -30,7 +30,7 @@ def have_transformer_engine() -> bool:
 def _base_submodules(ffn: str, model: ModelConfig, use_te: bool):
     moe = ffn == "moe"
     kw = {"num_experts": model.moe.num_experts if moe else None,
-              "moe_grouped_gemm": model.moe.grouped_gemm if moe else False}
+          "moe_grouped_gemm": model.moe.grouped_gemm if moe else False}
     if use_te:
         return gls.get_gpt_layer_with_transformer_engine_submodules(**kw)
     return gls.get_gpt_layer_local_submodules(normalization=model.normalization, **kw)

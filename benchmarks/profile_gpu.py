@@ -129,16 +129,20 @@ def layers() -> list[dict]:
 def conv() -> list[dict]:
     """The short conv (bf16, W = 4, SiLU) under LAUNCH variants (BT, BC, warps, steps) for its forward and backward
     kernels: GDN's strided view of the in_proj output (4 units of 768 conv channels in 1026, [T, B] order), the same
-    channels contiguous, and a packed [1, 98304, 3072] batch of 80 uneven segments. GB/s counts x read and y written
+    channels contiguous, a packed [1, 98304, 3072] batch of 80 uneven segments, and MoM's q: packed [1, 98304, 4, 256]
+    with each head L2-normalised in the conv ("_norm" launches). GB/s counts x read and y written
     (fwd), x and dy read and dx written (bwd)."""
     from linear_moe.kernels import short_conv as mod
 
     variants = {
         "default": {},
-        "dx128": {"dx": (32, 128, 4, 1)},
-        "steps4": {"dact": (32, 128, 4, 4), "dx": (32, 64, 4, 4)},
-        "w8": {"fwd": (32, 128, 8, 4), "dact": (32, 128, 8, 1), "dx": (32, 64, 8, 1)},
+        "dx64": {"dx": (32, 64, 4, 1)},
+        "steps4": {"dact": (32, 128, 4, 4), "dx": (32, 128, 4, 4)},
+        "w8": {"fwd": (32, 128, 8, 4), "dact": (32, 128, 8, 1), "dx": (32, 128, 8, 1)},
         "fwd-bc256": {"fwd": (16, 256, 8, 4)},
+        "norm-bt32": {"fwd_norm": (32, 0, 8, 4), "dact_norm": (32, 0, 8, 1)},
+        "norm-bt16": {"fwd_norm": (16, 0, 4, 4), "dact_norm": (16, 0, 4, 1)},
+        "norm-w8": {"fwd_norm": (16, 0, 8, 4), "dact_norm": (16, 0, 8, 1)},
     }
     only = os.environ.get("CONV_VARIANTS")
     variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
@@ -150,17 +154,23 @@ def conv() -> list[dict]:
                                .transpose(0, 1).reshape(16, 2048, 4, 1026)[..., :768], None),
         "contig-B16xT2048": (lambda: torch.randn(16, 2048, 3072, device="cuda", dtype=torch.bfloat16), None),
         "packed-T98304-80seg": (lambda: torch.randn(1, 98304, 3072, device="cuda", dtype=torch.bfloat16), cu),
+        # MoM's q (or k): 4 heads of 256, each L2-normalised in the conv
+        "packed-norm-H4xK256": (lambda: torch.randn(1, 98304, 4, 256, device="cuda", dtype=torch.bfloat16), cu),
     }
     rows = []
     for shape, (make, cu_seqlens) in shapes.items():
         x = make().detach().requires_grad_()
-        w = (torch.randn(3072, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
-        dy = torch.randn(x.shape[0], x.shape[1], 3072, device="cuda", dtype=torch.bfloat16)
+        C = x.shape[2] * (x.shape[3] if x.dim() == 4 else 1)
+        eps = 1e-6 if "norm" in shape else None
+        w = (torch.randn(C, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
+        dy = torch.randn(x.shape[0], x.shape[1], C, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()
         for name, launch in variants.items():
+            if launch and any(k.endswith("_norm") for k in launch) != (eps is not None):
+                continue  # a variant of the other kind of conv
 
-            def f(x=x, w=w, cu_seqlens=cu_seqlens):
-                return mod.short_conv(x, w, cu_seqlens=cu_seqlens)
+            def f(x=x, w=w, cu_seqlens=cu_seqlens, eps=eps):
+                return mod.short_conv(x, w, cu_seqlens=cu_seqlens, l2norm_eps=eps)
 
             def fb(x=x, w=w, dy=dy, f=f):
                 torch.autograd.grad(f(), (x, w), dy)
@@ -174,7 +184,7 @@ def conv() -> list[dict]:
             ms_f, ms_fb = sum(tf.values()), sum(tfb.values())
             rows.append({"variant": name, "shape": shape, "launch": launch, "ms_fwd": ms_f, "ms_fwd_bwd": ms_fb,
                          "gbs_fwd": 2 * n / ms_f / 1e6, "gbs_bwd": 3 * n / (ms_fb - ms_f) / 1e6, "kernels": tfb})
-    print("\n== short conv variants (bf16, C 3072, W 4, SiLU; kernel ms, effective GB/s)")
+    print("\n== short conv variants (bf16, W 4, SiLU; kernel ms, effective GB/s)")
     print(f"{'variant':10} {'shape':20} {'fwd ms':>7} {'GB/s':>6} {'fwd+bwd':>8} {'bwd ms':>7} {'GB/s':>6}  launch")
     for r in rows:
         print(f"{r['variant']:10} {r['shape']:20} {r['ms_fwd']:7.3f} {r['gbs_fwd']:6.0f} {r['ms_fwd_bwd']:8.3f} "

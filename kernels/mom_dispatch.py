@@ -6,7 +6,7 @@ One projection unit per head (H heads) is laid out as
 
 and slot s = slot_of[n, j] of token n's j-th memory m = memories[n, j] gets
 
-    q[s] = q of token n,  kv[s] = (k, v) of memory m,  a[s], beta[s] = the gate inputs of memory m   (every head)
+    q[s] = q of token n,  k[s], v[s] = those of memory m,  a[s], beta[s] = the gate inputs of memory m   (every head)
 
 One program per (token, head) reads the token's q once and writes its k' slots; the gate is copied per token. The
 backward writes the whole input gradient in one pass, every element exactly once (no zero fill, no atomics): the sum
@@ -31,8 +31,10 @@ class DispatchedTokens(NamedTuple):
     """[N, H, V] output gate of each token (None without one)."""
     q: torch.Tensor
     """[S, H, K] the token's q, one copy per slot."""
-    kv: torch.Tensor
-    """[S, H, K + V] k and v of the slot's memory."""
+    k: torch.Tensor
+    """[S, H, K] k of the slot's memory."""
+    v: torch.Tensor
+    """[S, H, V] v of the slot's memory."""
     a: torch.Tensor
     """[S, H] decay input of the slot's memory."""
     beta: torch.Tensor | None
@@ -40,9 +42,9 @@ class DispatchedTokens(NamedTuple):
 
 
 @triton.jit
-def dispatch_fwd_kernel(x, slot, mem, gate, q, kv, a, beta, H, UNIT,
+def dispatch_fwd_kernel(x, slot, mem, gate, q, k, v, a, beta, H, UNIT,
                         K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KP: tl.constexpr,
-                        HAS_BETA: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr, BKV: tl.constexpr):
+                        HAS_BETA: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     row = x + (n * H + h) * UNIT
@@ -53,24 +55,25 @@ def dispatch_fwd_kernel(x, slot, mem, gate, q, kv, a, beta, H, UNIT,
         o_g = tl.arange(0, BG)
         m_g = o_g < G
         tl.store(gate + (n * H + h) * G + o_g, tl.load(row + K + o_g, mask=m_g), mask=m_g)
-    o_kv = tl.arange(0, BKV)
-    m_kv = o_kv < K + V
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
     for j in tl.static_range(KP):
         s = tl.load(slot + n * KP + j).to(tl.int64)
         src = row + K + G + tl.load(mem + n * KP + j).to(tl.int64) * DM
         tl.store(q + (s * H + h) * K + o_k, b_q, mask=m_k)
-        tl.store(kv + (s * H + h) * (K + V) + o_kv, tl.load(src + o_kv, mask=m_kv), mask=m_kv)
+        tl.store(k + (s * H + h) * K + o_k, tl.load(src + o_k, mask=m_k), mask=m_k)
+        tl.store(v + (s * H + h) * V + o_v, tl.load(src + K + o_v, mask=m_v), mask=m_v)
         tl.store(a + s * H + h, tl.load(src + K + V))
         if HAS_BETA:
             tl.store(beta + s * H + h, tl.load(src + K + V + 1))
 
 
 @triton.jit
-def dispatch_bwd_kernel(slot, mem, dgate, dq, dkv, da, dbeta, dx, H, UNIT, MT,
+def dispatch_bwd_kernel(slot, mem, dgate, dq, dk, dv, da, dbeta, dx, H, UNIT, MT,
                         K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KP: tl.constexpr,
-                        HAS_BETA: tl.constexpr, HAS_DG: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DKV: tl.constexpr,
-                        HAS_DA: tl.constexpr, HAS_DB: tl.constexpr,
-                        BK: tl.constexpr, BG: tl.constexpr, BKV: tl.constexpr, BKP: tl.constexpr):
+                        HAS_BETA: tl.constexpr, HAS_DG: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr,
+                        HAS_DV: tl.constexpr, HAS_DA: tl.constexpr, HAS_DB: tl.constexpr,
+                        BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr, BKP: tl.constexpr):
     """Each (token, head) row of dx written once; a gradient that did not arrive (HAS_* False) reads as zeros."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -94,22 +97,24 @@ def dispatch_bwd_kernel(slot, mem, dgate, dq, dkv, da, dbeta, dx, H, UNIT, MT,
     m_j = o_j < KP
     slots = tl.load(slot + n * KP + o_j, mask=m_j, other=-1).to(tl.int64)
     mems = tl.load(mem + n * KP + o_j, mask=m_j, other=-1).to(tl.int64)
-    o_kv = tl.arange(0, BKV)
-    m_kv = o_kv < K + V
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
     for m in range(MT):
         # the slot of memory m (a token's memories are distinct), or -1: chosen first, so each address is stored once
         sel = tl.max(tl.where(mems == m, slots, -1), 0)
         hit = sel >= 0
         s = tl.maximum(sel, 0)
         dst = row + K + G + m * DM
-        # copies pass through fp32 exactly
-        b_kv = tl.zeros([BKV], dtype=tl.float32)
-        if HAS_DKV:
-            # columns to read: all K + V with a slot, none without (one compare, not m_kv & hit: the interpreter
-            # makes that mask an integer)
-            b_kv = tl.load(dkv + (s * H + h) * (K + V) + o_kv, mask=o_kv < tl.where(hit, K + V, 0),
-                           other=0.0).to(tl.float32)
-        tl.store(dst + o_kv, b_kv.to(dx.dtype.element_ty), mask=m_kv)
+        # copies pass through fp32 exactly; columns to read: all with a slot, none without (one compare, not
+        # m_k & hit: the interpreter makes that mask an integer)
+        b_k = tl.zeros([BK], dtype=tl.float32)
+        if HAS_DK:
+            b_k = tl.load(dk + (s * H + h) * K + o_k, mask=o_k < tl.where(hit, K, 0), other=0.0).to(tl.float32)
+        tl.store(dst + o_k, b_k.to(dx.dtype.element_ty), mask=m_k)
+        b_v = tl.zeros([BV], dtype=tl.float32)
+        if HAS_DV:
+            b_v = tl.load(dv + (s * H + h) * V + o_v, mask=o_v < tl.where(hit, V, 0), other=0.0).to(tl.float32)
+        tl.store(dst + K + o_v, b_v.to(dx.dtype.element_ty), mask=m_v)
         b_a = tl.zeros([], dtype=tl.float32)
         if HAS_DA:
             b_a = tl.load(da + s * H + h, mask=hit, other=0.0).to(tl.float32)
@@ -123,7 +128,7 @@ def dispatch_bwd_kernel(slot, mem, dgate, dq, dkv, da, dbeta, dx, H, UNIT, MT,
 
 def _blocks(K: int, V: int, G: int) -> dict[str, int]:
     return {"BK": triton.next_power_of_2(K), "BG": triton.next_power_of_2(max(G, 1)),
-            "BKV": triton.next_power_of_2(K + V)}
+            "BV": triton.next_power_of_2(V)}
 
 
 class DispatchFunction(torch.autograd.Function):
@@ -135,30 +140,31 @@ class DispatchFunction(torch.autograd.Function):
         unit = x.numel() // (N * H)
         new = functools.partial(torch.empty, dtype=x.dtype, device=x.device)
         gate = new(N, H, G) if G else None
-        q, kv, a = new(S, H, K), new(S, H, K + V), new(S, H)
+        q, k, v, a = new(S, H, K), new(S, H, K), new(S, H, V), new(S, H)
         beta = new(S, H) if has_beta else None
         # absent outputs get a stand-in pointer that the kernel never touches
-        dispatch_fwd_kernel[(N, H)](x, slot_of, memories, x if gate is None else gate, q, kv, a,
+        dispatch_fwd_kernel[(N, H)](x, slot_of, memories, x if gate is None else gate, q, k, v, a,
                                     x if beta is None else beta, H, unit, K=K, V=V, G=G, DM=K + V + 1 + has_beta,
                                     KP=KP, HAS_BETA=has_beta, **_blocks(K, V, G))
         ctx.save_for_backward(slot_of, memories)
         ctx.dims = (x.shape, x.dtype, H, K, V, G, MT, has_beta)
         # unused outputs (beta of a layer without it, ...) give None, read as zeros by the kernel: no zero tensors
         ctx.set_materialize_grads(False)
-        return gate, q, kv, a, beta
+        return gate, q, k, v, a, beta
 
     @staticmethod
-    def backward(ctx, dgate, dq, dkv, da, dbeta):
+    def backward(ctx, dgate, dq, dk, dv, da, dbeta):
         slot_of, memories = ctx.saved_tensors
         shape, dtype, H, K, V, G, MT, has_beta = ctx.dims
         N, KP = slot_of.shape
         # the kernel writes every element of dx
         dx = torch.empty(shape, dtype=dtype, device=slot_of.device)
-        grads = [dgate, dq, dkv, da, dbeta]
+        grads = [dgate, dq, dk, dv, da, dbeta]
         dispatch_bwd_kernel[(N, H)](slot_of, memories, *(dx if t is None else t.contiguous() for t in grads), dx, H,
                                     dx.numel() // (N * H), MT, K=K, V=V, G=G, DM=K + V + 1 + has_beta, KP=KP,
                                     HAS_BETA=has_beta, HAS_DG=dgate is not None, HAS_DQ=dq is not None,
-                                    HAS_DKV=dkv is not None, HAS_DA=da is not None, HAS_DB=dbeta is not None,
+                                    HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DA=da is not None,
+                                    HAS_DB=dbeta is not None,
                                     BKP=triton.next_power_of_2(KP), **_blocks(K, V, G))
         return dx, None, None, None, None, None, None, None, None
 
@@ -174,8 +180,8 @@ def naive_dispatch(x: torch.Tensor, slot_of: torch.Tensor, memories: torch.Tenso
     pair = slot_of.reshape(-1).argsort()
     tok = pair // kp
     rows = mem.reshape(N, heads, num_memories, dm)[tok, :, memories.reshape(-1)[pair]]  # [S, H, dm]
-    return DispatchedTokens(gate.contiguous() if G else None, q.index_select(0, tok),
-                            rows[..., :K + V].contiguous(), rows[..., K + V].contiguous(),
+    return DispatchedTokens(gate.contiguous() if G else None, q.index_select(0, tok), rows[..., :K].contiguous(),
+                            rows[..., K:K + V].contiguous(), rows[..., K + V].contiguous(),
                             rows[..., K + V + 1].contiguous() if has_beta else None)
 
 
@@ -184,7 +190,8 @@ def dispatch(x: torch.Tensor, slot_of: torch.Tensor, memories: torch.Tensor, *, 
     """x [N, H * unit] or [N, H, unit] in_proj output (unit: q K, [gate V], per memory m < num_memories: k K, v V,
     a 1, [beta 1]); slot_of [N, k'] the packed slot of token n's j-th memory (a permutation of the S = N * k' slots);
     memories [N, k'] that memory's index (distinct per token, < num_memories; the shared memory included)
-    -> DispatchedTokens(gate [N, H, V] | None, q [S, H, K], kv [S, H, K + V], a [S, H], beta [S, H] | None)."""
+    -> DispatchedTokens(gate [N, H, V] | None, q [S, H, K], k [S, H, K], v [S, H, V], a [S, H], beta [S, H] | None).
+    """
     N = slot_of.shape[0] if slot_of.dim() == 2 else -1
     unit = k_dim + (v_dim if has_gate else 0) + num_memories * (k_dim + v_dim + 1 + int(has_beta))
     if (slot_of.dim() != 2 or memories.shape != slot_of.shape or x.dim() not in (2, 3) or x.shape[0] != N

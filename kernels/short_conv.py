@@ -2,12 +2,16 @@
 
     y[t, c] = act( sum_{j < W} w[c, W-1-j] * x[t-j, c] ),   x[t-j] counted only inside t's segment
 
+and optionally y[t, unit] L2-normalised per token over each unit's channels (the delta rule's q and k: one kernel
+instead of a conv, a 16-bit round trip and a norm; its backward recomputes the norm from x).
+
 Segments are the packed documents (and MoM's per-memory segments) of a `[1, T, C]` batch, given per token as the
 position of its segment's first token; a dense `[B, T, C]` batch is one segment per row. The input may be a strided
 `[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied; a channel tile
 never crosses a unit, so its addresses are contiguous and the strides' common power-of-two factor is passed on for
-vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (fp32), its second dx and
-per-program partial dw (summed in torch, deterministic). No atomics, no host sync. `naive_short_conv` is the
+vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (fp32; with the norm, dy
+is first taken through it), its second dx and per-program partial dw (summed in torch, deterministic). With the norm a
+channel tile is the whole unit. No atomics, no host sync. `naive_short_conv` is the
 per-segment F.conv1d definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a
 pure-torch path for CPU, initial states and decoding.
 """
@@ -29,7 +33,11 @@ from linear_moe.kernels.common import use_triton
 # slower in every launch tried: 1.37-4.4 ms against this form's 1.06 ms at [16, 2048, 3072] on an H200.
 # Defaults: the best of `benchmarks/profile_gpu.py conv` on an H200 (2026-11-26); forward 0.15 ms at [16, 2048, 3072]
 # and 0.60 ms over MoM's packed [1, 98304, 3072] (0.41 and 1.08 ms before, H100), backward 1.07 and 3.05 ms.
-LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (32, 64, 4, 1)}
+# With the L2 norm ("fwd_norm", "dact_norm") a tile spans the whole unit and BC is unused.
+# H100 sweep (2026-11-26): dx at 128 channels cut the backward 0.07 ms at each shape; with the norm, 8-row steps
+# took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward 1.11-1.15 ms in every launch tried).
+LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (32, 128, 4, 1),
+                                                "fwd_norm": (8, 0, 4, 8), "dact_norm": (8, 0, 4, 2)}
 
 
 @triton.jit
@@ -74,9 +82,9 @@ def _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W: tl.constexpr, A: tl.con
 
 
 @triton.jit
-def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr, A: tl.constexpr,
+def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, eps, D: tl.constexpr, W: tl.constexpr, A: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
-                          USE_SEG: tl.constexpr, ACT: tl.constexpr):
+                          USE_SEG: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr):
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
     for i_s in range(STEPS):
@@ -85,15 +93,19 @@ def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, D: tl.constexpr, W:
         acc = _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W, A, BC, USE_SEG)
         if ACT:
             acc = acc * tl.sigmoid(acc)
+        if NORM:
+            # the tile is the whole unit; masked channels are zero
+            acc = acc * tl.rsqrt(tl.sum(acc * acc, 1) + eps)[:, None]
         p_y = y + (i_b.to(tl.int64) * T + o_t)[:, None] * C + c[None, :]
         tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
 
 @triton.jit
-def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
+def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, eps, D: tl.constexpr, W: tl.constexpr,
                                A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
-                               USE_SEG: tl.constexpr, ACT: tl.constexpr):
-    """Backward, first pass: da = dy * act'(pre) (fp32), pre recomputed once per token as the forward does."""
+                               USE_SEG: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr):
+    """Backward, first pass: da = dy * act'(pre) (fp32), pre recomputed once per token as the forward does; with
+    the norm, dy is first taken back through it: r (dy - n sum(dy n)), n = act(pre) r, r = 1 / |act(pre)|."""
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
     for i_s in range(STEPS):
@@ -102,10 +114,19 @@ def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, D: tl.con
         off = (i_b.to(tl.int64) * T + o_t)[:, None] * C + c[None, :]
         m = m_t[:, None] & m_d[None, :]
         b_da = tl.load(dy + off, mask=m, other=0.0).to(tl.float32)
-        if ACT:
+        if ACT or NORM:
             pre = _preact(base, seg, taps, o_t, m_t, o_d, m_d, sxt, W, A, BC, USE_SEG)
-            sig = tl.sigmoid(pre)
-            b_da = b_da * sig * (1 + pre * (1 - sig))
+            if ACT:
+                sig = tl.sigmoid(pre)
+                b_y = pre * sig
+            else:
+                b_y = pre
+            if NORM:
+                r = tl.rsqrt(tl.sum(b_y * b_y, 1) + eps)[:, None]
+                b_n = b_y * r
+                b_da = (b_da - b_n * tl.sum(b_da * b_n, 1)[:, None]) * r
+            if ACT:
+                b_da = b_da * sig * (1 + pre * (1 - sig))
         tl.store(da + off, b_da, mask=m)
 
 
@@ -151,6 +172,14 @@ def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     return sxb // A, sxt // A, sxu // A, D, A
 
 
+def _launch(kernel: str, D: int, norm: bool) -> tuple[int, int, int, int]:
+    """LAUNCH[kernel] (its "_norm" entry with the norm, whose channel tile is the unit)."""
+    if not norm:
+        return LAUNCH[kernel]
+    BT, _, warps, steps = LAUNCH[kernel + "_norm"]
+    return BT, triton.next_power_of_2(D), warps, steps
+
+
 def _grid(x: torch.Tensor, D: int, BT: int, BC: int, steps: int) -> tuple[int, int, int]:
     U = 1 if x.dim() == 3 else x.shape[2]
     return triton.cdiv(x.shape[1], BT * steps), U * triton.cdiv(D, BC), x.shape[0]
@@ -158,18 +187,19 @@ def _grid(x: torch.Tensor, D: int, BT: int, BC: int, steps: int) -> tuple[int, i
 
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, seg, act):
+    def forward(ctx, x, weight, seg, act, eps):
         B, T = x.shape[:2]
         C, W = weight.shape
         sxb, sxt, sxu, D, A = _layout(x)
         w = weight.contiguous()
         y = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
-        BT, BC, warps, steps = LAUNCH["fwd"]
+        norm = eps is not None
+        BT, BC, warps, steps = _launch("fwd", D, norm)
         short_conv_fwd_kernel[_grid(x, D, BT, BC, steps)](
-            x, w, seg, y, T, C, sxb, sxt, sxu, D=D, W=W, A=A, BT=BT, BC=BC, STEPS=steps,
-            USE_SEG=seg is not None, ACT=act, num_warps=warps)
+            x, w, seg, y, T, C, sxb, sxt, sxu, eps or 0.0, D=D, W=W, A=A, BT=BT, BC=BC, STEPS=steps,
+            USE_SEG=seg is not None, ACT=act, NORM=norm, num_warps=warps)
         ctx.save_for_backward(x, w, seg)
-        ctx.act, ctx.weight_dtype = act, weight.dtype
+        ctx.act, ctx.eps, ctx.weight_dtype = act, eps, weight.dtype
         return y
 
     @staticmethod
@@ -181,17 +211,19 @@ class ShortConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = torch.empty(B, T, C, dtype=x.dtype, device=x.device)
         common = {"D": D, "W": W, "A": A, "USE_SEG": seg is not None}
-        BT, BC, warps, steps = LAUNCH["dact"]
+        norm = ctx.eps is not None
+        BT, BC, warps, steps = _launch("dact", D, norm)
         da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
         short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](
-            x, w, seg, dy, da, T, C, sxb, sxt, sxu, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act, num_warps=warps)
+            x, w, seg, dy, da, T, C, sxb, sxt, sxu, ctx.eps or 0.0, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act,
+            NORM=norm, num_warps=warps)
         BT, BC, warps, steps = LAUNCH["dx"]
         grid = _grid(x, D, BT, BC, steps)
         dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
         short_conv_bwd_dx_kernel[grid](
             x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, **common, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
             STEPS=steps, num_warps=warps)
-        return dx.view(x.shape), dw.sum(0).to(ctx.weight_dtype), None, None
+        return dx.view(x.shape), dw.sum(0).to(ctx.weight_dtype), None, None, None
 
 
 def segment_starts(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
@@ -203,7 +235,8 @@ def segment_starts(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-               activation: str | None = "silu", backend: str | None = None) -> torch.Tensor:
+               activation: str | None = "silu", l2norm_eps: float | None = None,
+               backend: str | None = None) -> torch.Tensor:
     """Causal depthwise conv over time that never crosses a segment border.
 
     Args:
@@ -211,6 +244,8 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tenso
         weight: [C, W].
         cu_seqlens: [N + 1] segment offsets of a packed x (B must be 1); None: each row is one sequence.
         activation: "silu" or None.
+        l2norm_eps: None, or L2-normalise each token's output over each unit's D channels (over C for [B, T, C]),
+            y * rsqrt(sum(y^2) + l2norm_eps), after the activation.
         backend: None (Triton on CUDA, torch on CPU), "triton" or "torch".
     Returns:
         y [B, T, C] contiguous, in x's dtype.
@@ -226,23 +261,33 @@ def short_conv(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tenso
         raise ValueError(f"with cu_seqlens x must be packed as [1, T, C], got B={B}")
     if activation not in (None, "silu"):
         raise ValueError(f"activation={activation!r} must be None or 'silu'")
+    if l2norm_eps is not None and not l2norm_eps >= 0:
+        raise ValueError(f"l2norm_eps={l2norm_eps} must be None or >= 0")
     if not use_triton(x, backend):
-        return naive_short_conv(x.reshape(B, T, C), weight, cu_seqlens=cu_seqlens, activation=activation)
+        return naive_short_conv(x, weight, cu_seqlens=cu_seqlens, activation=activation, l2norm_eps=l2norm_eps)
     seg = segment_starts(cu_seqlens, T) if cu_seqlens is not None else None
-    return ShortConvFunction.apply(x, weight, seg, activation == "silu")
+    return ShortConvFunction.apply(x, weight, seg, activation == "silu",
+                                   None if l2norm_eps is None else float(l2norm_eps))
 
 
 def naive_short_conv(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
-                     activation: str | None = "silu") -> torch.Tensor:
-    """The definition: F.conv1d over each segment on its own (a host loop over segments; tests and CPU only)."""
+                     activation: str | None = "silu", l2norm_eps: float | None = None) -> torch.Tensor:
+    """The definition: F.conv1d over each segment on its own (a host loop over segments; tests and CPU only), then
+    the optional L2 norm over each unit (the last dim of x) -> [B, T, C]."""
     W = weight.shape[1]
+    B, T, D = x.shape[0], x.shape[1], x.shape[-1]
+    x = x.reshape(B, T, -1)
     w = weight.to(x.dtype)[:, None, :]
 
     def conv(seq):  # [L, C] -> [L, C]
         if seq.shape[0] == 0:
             return seq
         y = F.conv1d(F.pad(seq.t()[None], (W - 1, 0)), w, groups=seq.shape[1])[0].t()
-        return F.silu(y) if activation == "silu" else y
+        y = F.silu(y) if activation == "silu" else y
+        if l2norm_eps is None:
+            return y
+        u = y.unflatten(-1, (-1, D))
+        return (u * torch.rsqrt(u.pow(2).sum(-1, keepdim=True) + l2norm_eps)).flatten(-2)
 
     if cu_seqlens is None:
         return torch.stack([conv(row) for row in x])

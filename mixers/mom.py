@@ -52,6 +52,8 @@ except ImportError:
     telemetry = None
 
 Tensor = torch.Tensor
+L2_EPS = 1e-6
+"""eps of the per-head L2 norm of q and k (added to the sum of squares)."""
 
 
 @register_mixer("mom", symbol="X")
@@ -148,34 +150,38 @@ class MixtureOfMemories(LinearMixer):
         return x.view(T * B, self.local_heads, self.unit_width), T, B
 
     def dispatch_tokens(self, x: Tensor, slot_of: Tensor, memories: Tensor) -> mom_dispatch.DispatchedTokens:
-        """Units `[N, H, unit_width]` -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`, k and v
-        `[S, H, K + V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory included)."""
+        """Units `[N, H, unit_width]` -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`, k `[S, H, K]`,
+        v `[S, H, V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory included)."""
         return mom_dispatch.dispatch(x, slot_of, memories, heads=self.local_heads, k_dim=self.head_k_dim,
                                      v_dim=self.head_v_dim, num_memories=self.total_memories,
                                      has_gate=self.mixer_config.use_output_gate, has_beta=self.op == "delta_rule",
                                      backend=self.backend)
 
-    def memory_inputs(self, q: Tensor, kv: Tensor, a: Tensor, beta: Tensor | None, cu_seqlens: Tensor | None = None,
-                      conv_state: Tensor | None = None, fresh: bool = True) -> tuple[Tensor, ...]:
-        """Packed slots -> kernel inputs: q `[S, H, K]`, k and v `[S, H, K + V]`, a and beta (or None) `[S, H]` of
-        segments `cu_seqlens` (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm), g `[1, S, H]` log decay,
-        beta or None.
+    def memory_inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None,
+                      cu_seqlens: Tensor | None = None, conv_state: Tensor | None = None, fresh: bool = True
+                      ) -> tuple[Tensor, ...]:
+        """Packed slots -> kernel inputs: q, k `[S, H, K]`, v `[S, H, V]`, a and beta (or None) `[S, H]` of segments
+        `cu_seqlens` (None: one segment) -> q, k, v `[1, S, H, D]` (conv, L2 norm of q and k), g `[1, S, H]` log
+        decay, beta or None.
 
         Decoding passes `conv_state` `[segments, C, W-1]`, continued from (zeros when `fresh`) and overwritten; with
         `cu_seqlens` None each slot is then its own segment of one token (a decoding step)."""
         K, V = self.head_k_dim, self.head_v_dim
         S, H = q.shape[:2]
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        gates = (g[None], beta.float().sigmoid()[None] if beta is not None else None)
         if self.conv is not None and conv_state is None and self.cp_group is None and use_triton(q, self.backend):
-            # training on the GPU: the Triton conv reads q and k, v as dispatched, no concatenated copy
+            # training on the GPU: one kernel per piece reads the dispatched slots and writes the conv output, L2
+            # normalised per head for q and k
             w = self.conv.weight.view(H, 2 * K + V, -1)
-            act = self.conv.activation
-            qc = short_conv(q[None], w[:, :K].reshape(H * K, -1), cu_seqlens=cu_seqlens, activation=act,
-                            backend="triton")
-            kv = short_conv(kv[None], w[:, K:].reshape(H * (K + V), -1), cu_seqlens=cu_seqlens,
-                            activation=act, backend="triton").view(1, S, H, K + V)
-            q, (k, v) = qc.view(1, S, H, K), kv.split([K, V], dim=-1)
-            return self.memory_gates(q, k, v, a, beta)
-        qkv = torch.cat([q, kv], dim=-1).reshape(1, S, H * (2 * K + V))
+
+            def conv(x: Tensor, lo: int, hi: int, eps: float | None) -> Tensor:
+                return short_conv(x[None], w[:, lo:hi].reshape(H * (hi - lo), -1), cu_seqlens=cu_seqlens,
+                                  activation=self.conv.activation, l2norm_eps=eps,
+                                  backend="triton").view(1, S, H, hi - lo)
+
+            return conv(q, 0, K, L2_EPS), conv(k, K, 2 * K, L2_EPS), conv(v, 2 * K, 2 * K + V, None), *gates
+        qkv = torch.cat([q, k, v], dim=-1).reshape(1, S, H * (2 * K + V))
         if self.conv is not None and conv_state is not None:
             if cu_seqlens is None:
                 y, new = self.conv.step(qkv[0], conv_state)
@@ -193,14 +199,8 @@ class MixtureOfMemories(LinearMixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
-        return self.memory_gates(q, k, v, a, beta)
-
-    def memory_gates(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None) -> tuple[Tensor, ...]:
-        """Convolved q, k, v `[1, S, H, D]`, a and beta (or None) `[S, H]` -> L2-normalised q, k, v, log decay g,
-        beta (sigmoid) or None."""
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        beta = beta.float().sigmoid()[None] if beta is not None else None
-        return l2norm(q, backend=self.backend), l2norm(k, backend=self.backend), v.contiguous(), g[None], beta
+        return (l2norm(q, L2_EPS, backend=self.backend), l2norm(k, L2_EPS, backend=self.backend), v.contiguous(),
+                *gates)
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, cu_seqlens: Tensor) -> Tensor:
         """ONE chunked kernel call over all packed segments `[1, S, H, D]` -> o `[1, S, H, V]`.

@@ -53,8 +53,8 @@ def test_triton_equals_definition(kp, K, V, gate, beta, dtype, tol, poisoned_emp
     ref = naive_dispatch(x.float(), slot_of, memories, **dims)
     # gradients representable in x's dtype, so the copied ones can be compared exactly
     grads = [None if t is None else torch.randn_like(t).to(dtype).float() for t in ref]
-    # every output's gradient, then only q's and kv's (the others arrive as None and count as zeros)
-    for used in ({0, 1, 2, 3, 4}, {1, 2}):
+    # every output's gradient, then only q's, k's and v's (the others arrive as None and count as zeros)
+    for used in ({0, 1, 2, 3, 4, 5}, {1, 2, 3}):
         got, dx = run(x, slot_of, memories, grads, dims, "triton", used)
         _, dx_ref = run(x.float(), slot_of, memories, grads, dims, "torch", used)
         for name, t, r in zip(got._fields, got, ref, strict=True):
@@ -77,8 +77,8 @@ def test_unit_shaped_input(poisoned_empty):
     x = torch.randn(N, H, 8 + 8 + MT * 18)
     ref = naive_dispatch(x, slot_of, memories, **dims)
     grads = [torch.randn_like(t) for t in ref]
-    got, dx = run(x, slot_of, memories, grads, dims, "triton", {0, 1, 2, 3, 4})
-    _, dx_ref = run(x, slot_of, memories, grads, dims, "torch", {0, 1, 2, 3, 4})
+    got, dx = run(x, slot_of, memories, grads, dims, "triton", {0, 1, 2, 3, 4, 5})
+    _, dx_ref = run(x, slot_of, memories, grads, dims, "torch", {0, 1, 2, 3, 4, 5})
     assert all(torch.equal(t, r) for t, r in zip(got, ref, strict=True))
     assert dx.shape == x.shape and rel(dx, dx_ref) < 1e-6
 

@@ -90,9 +90,9 @@ def reference_forward(layer, x, cu_docs=None, seg_kernel=None):
         if not sel:
             continue
         idx = torch.tensor([n for n, _ in sel], device=x.device)
-        kv = torch.cat([parts[f"k{m}"], parts[f"v{m}"]], dim=-1)[idx]
         beta = parts[f"beta{m}"][idx, :, 0] if f"beta{m}" in parts else None
-        qs, ks, vs, g, beta = layer.memory_inputs(q[idx], kv, parts[f"a{m}"][idx, :, 0], beta)
+        qs, ks, vs, g, beta = layer.memory_inputs(q[idx], parts[f"k{m}"][idx], parts[f"v{m}"][idx],
+                                                  parts[f"a{m}"][idx, :, 0], beta)
         extras = {"beta": beta} if beta is not None else {}
         o, _ = fn(qs, ks, vs, g=g, **extras, scale=layer.scale)
         wt = torch.stack([w[n, j] if j is not None else w.new_ones(()) for n, j in sel])

@@ -166,13 +166,16 @@ def chunk_delta_rule_fwd_kernel_wy(
 @triton.jit
 def chunk_delta_rule_fwd_kernel_h(
     k, w, u, G, h, v_new, h0, ht,
-    cu_seqlens, cu_chunks,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, cu_chunks, hb,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
+    """The states entering each chunk, h [NT, HS, K, V], and v_new, for the HS heads hb, hb + 1, ... (a head group)."""
+    i_v, i_ns = tl.program_id(0), tl.program_id(1)
+    n, i_hs = i_ns // HS, i_ns % HS
+    i_h = hb + i_hs
+    i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
     c0 = tl.load(cu_chunks + n).to(tl.int64)
@@ -184,7 +187,7 @@ def chunk_delta_rule_fwd_kernel_h(
     else:
         b_h = tl.zeros([KP, BV], dtype=tl.float32)
     for i_t in range(NT):
-        p_h, m_h = _tile(h + ((c0 + i_t) * H + i_h) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        p_h, m_h = _tile(h + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
         p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
@@ -249,14 +252,17 @@ def chunk_delta_rule_fwd_kernel_o(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dh(
     q, k, w, G, A, do, dv, dh, dht, dh0, scale,
-    cu_seqlens, cu_chunks,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, cu_chunks, hb,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    n, i_h = i_nh // H, i_nh % H
+    """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk,
+    [NT, HS, K, V]), for the HS heads from hb."""
+    i_v, i_ns = tl.program_id(0), tl.program_id(1)
+    n, i_hs = i_ns // HS, i_ns % HS
+    i_h = hb + i_hs
+    i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
     c0 = tl.load(cu_chunks + n).to(tl.int64)
@@ -269,7 +275,7 @@ def chunk_delta_rule_bwd_kernel_dh(
         b_dh = tl.zeros([KP, BV], dtype=tl.float32)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        p_dh, m_dh = _tile(dh + ((c0 + i_t) * H + i_h) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+        p_dh, m_dh = _tile(dh + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_dh)
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_qt, m_qt = _tile(q + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
@@ -301,14 +307,16 @@ def chunk_delta_rule_bwd_kernel_dh(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dqkw(
     q, k, v_new, h, do, dh, dv, G, dq, dk, dw, dG, scale,
-    cu_seqlens, chunk_info, N, TT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, chunk_info, N, TT, hb,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """Per chunk and K-block: dq (final), dk from the output and the state (partial), dw, and the per-step
-    gradient of the cumulative gate from those terms (partial over K-blocks)."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    gradient of the cumulative gate from those terms (partial over K-blocks), for the HS heads from hb (h and dh
+    hold those)."""
+    i_k, i_c, i_hs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
@@ -324,8 +332,8 @@ def chunk_delta_rule_bwd_kernel_dqkw(
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         # h and dh stored [K, V]; loaded as [BV, BK] tiles through the strides
-        p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
-        p_dht, m_dht = _tile(dh + (i_c.to(tl.int64) * H + i_h) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
+        p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
+        p_dht, m_dht = _tile(dh + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
         b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
@@ -480,105 +488,146 @@ def _state_bv(KP: int, BV: int) -> int:
     return min(BV, 32 if KP >= 256 else 64)
 
 
+# The backward runs its state kernels (h recomputed, then dh, then dqkw) per group of heads, so that h and dh
+# [NT, heads, K, V] exist for one group at a time: groups as small as keep at least this many programs per SM in
+# each state-kernel launch (MoM's 80 segments x 4 heads of 256 at 32768 tokens: 4 groups of one head, 1.3 GB less).
+STATE_GROUP_PROGRAMS_PER_SM = 2
+
+
 class Forward(NamedTuple):
-    o: torch.Tensor | None
+    o: torch.Tensor
     ht: torch.Tensor | None
-    w: torch.Tensor | None
-    """The WY keys [1, TT, H, K] (the backward's recomputation only; u, the WY values, is read by no backward kernel)."""
-    h: torch.Tensor
-    v_new: torch.Tensor
-    G: torch.Tensor
     A: torch.Tensor | None
     """The decayed causal q.k scores [1, TT, H, BT] that the backward reads (forward for training only)."""
-    Ti: torch.Tensor | None
-    """T = (I + A_kk)^-1 [1, TT, H, BT] fp32 (the backward's recomputation only)."""
+
+
+class Dims(NamedTuple):
+    """Sizes shared by the launches: tokens TT, heads H, K, V, sequences N, chunk and block sizes, K padded to a
+    power of two, the state kernels' V-block, and the chunk tables."""
+    TT: int
+    H: int
+    K: int
+    V: int
+    N: int
+    BT: int
+    BK: int
+    BV: int
+    KP: int
+    BVS: int
+    cu: torch.Tensor
+    cu_chunks: torch.Tensor
+    info: torch.Tensor
+    NT: int
+
+
+def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, BK: int, BV: int) -> Dims:
+    _, TT, H, K = k.shape
+    V = v.shape[-1]
+    BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
+    return Dims(TT, H, K, V, cu_seqlens.numel() - 1, BT, BK, BV, KP, _state_bv(KP, BV),
+                *_chunk_tables(cu_seqlens, TT, BT))
+
+
+def _wy(k, v, beta, g, d: Dims, store_T: bool):
+    """Cumulative gates G, the WY keys w and values u, and (store_T) T = (I + A_kk)^-1 fp32 [1, TT, H, BT]."""
+    dev, dt = k.device, k.dtype
+    G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    w = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+    u = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    Ti = _empty(1, d.TT, d.H, d.BT, dtype=torch.float32, device=dev) if store_T else None
+    chunk_delta_rule_fwd_kernel_wy[(d.NT, d.H)](
+        k, v, beta, g, G, w, u, Ti, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=d.BT, BK=d.BK, BV=d.BV,
+        PREC=dot_precision(k), PREC_BLOCK="ieee" if dt == torch.float32 else "tf32x3", LOG_BT=d.BT.bit_length() - 1,
+        STORE_T=store_T, **_launch("wy", dt),
+    )
+    return G, w, u, Ti
+
+
+def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> torch.Tensor:
+    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new (and ht)."""
+    h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
+    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, d.BVS), d.N * HS)](
+        k, w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT,
+        KP=d.KP, BV=d.BVS, USE_H0=initial_state is not None, STORE_HT=ht is not None, PREC=dot_precision(k),
+        **_launch("h", k.dtype, d.KP),
+    )
+    return h
+
+
+def _state_heads(d: Dims, device: torch.device) -> int:
+    """Heads per group of the backward's state kernels (a divisor of H; see STATE_GROUP_PROGRAMS_PER_SM)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    programs = d.N * triton.cdiv(d.V, d.BVS)
+    return next(hs for hs in range(1, d.H + 1)
+                if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * sms))
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
-                         BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False,
-                         recompute: bool = False) -> Forward:
+                         BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
     """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. `training`: also keep the scores A for
-    the backward; `recompute` (the backward's pass): no o, keep T instead."""
-    _, TT, H, K = k.shape
-    V = v.shape[-1]
-    N = cu_seqlens.numel() - 1
+    the backward."""
+    d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
-    BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
-    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
-    prec = dot_precision(q)
-    G = _empty(1, TT, H, dtype=torch.float32, device=dev)
-    w = _empty(1, TT, H, K, dtype=dt, device=dev)
-    u = _empty(1, TT, H, V, dtype=dt, device=dev)
-    Ti = _empty(1, TT, H, BT, dtype=torch.float32, device=dev) if recompute else None
-    chunk_delta_rule_fwd_kernel_wy[(NT, H)](
-        k, v, beta, g, G, w, u, Ti, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec,
-        PREC_BLOCK="ieee" if dt == torch.float32 else "tf32x3", LOG_BT=BT.bit_length() - 1, STORE_T=recompute,
-        **_launch("wy", dt),
+    G, w, u, _ = _wy(k, v, beta, g, d, store_T=False)
+    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    ht = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if output_final_state else None
+    h = _states(k, w, u, G, v_new, initial_state, ht, d, 0, d.H)
+    del w, u  # the output kernel reads neither: their memory can go to o and A
+    o = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if training else None
+    chunk_delta_rule_fwd_kernel_o[(triton.cdiv(d.V, d.BV), d.NT, d.H)](
+        q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
+        PREC=dot_precision(q), STORE_A=training, **_launch("o", dt),
     )
-    h = _empty(NT, H, K, V, dtype=dt, device=dev)
-    v_new = _empty(1, TT, H, V, dtype=dt, device=dev)
-    ht = _empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    BVS = _state_bv(KP, BV)
-    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(V, BVS), N * H)](
-        k, w, u, G, h, v_new, initial_state, ht, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_H0=initial_state is not None, STORE_HT=output_final_state, PREC=prec, **_launch("h", dt, KP),
-    )
-    del u  # read by the state kernel only
-    if recompute:
-        return Forward(None, ht, w, h, v_new, G, None, Ti)
-    del w  # the output kernel does not read it: its memory can go to o and A
-    o = _empty(1, TT, H, V, dtype=dt, device=dev)
-    A = _empty(1, TT, H, BT, dtype=dt, device=dev) if training else None
-    chunk_delta_rule_fwd_kernel_o[(triton.cdiv(V, BV), NT, H)](
-        q, k, v_new, h, G, o, A, scale, cu, info, N, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec,
-        STORE_A=training, **_launch("o", dt),
-    )
-    return Forward(o, ht, None, h, v_new, G, A, None)
+    return Forward(o, ht, A)
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
                          BT: int = 64, BK: int = 64, BV: int = 64):
-    """Recompute the forward's intermediates (all but o and the saved scores A), then dh through the chunks, then
-    per-chunk gradients."""
-    _, TT, H, K = k.shape
-    V = v.shape[-1]
-    N = cu_seqlens.numel() - 1
+    """Recompute the forward's intermediates (all but o and the saved scores A); then per head group (see
+    `_state_heads`) the states h, dh through the chunks and the per-chunk gradients of q, k, w; then the WY backward.
+
+    Each recomputed intermediate is dropped after its last reader: the peak is at a group's dqkw kernel, which holds
+    that group's h and dh."""
+    d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
-    fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, False, cu_seqlens, BT, BK, BV, recompute=True)
-    # each recomputed intermediate is dropped once its last reader has run: the peak is at the dqkw kernel, which
-    # holds h and dh [NT, H, K, V] together, and w no longer adds to it
-    w, h, v_new, G, Ti = fwd.w, fwd.h, fwd.v_new, fwd.G, fwd.Ti
-    del fwd
-    BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
-    NK = triton.cdiv(K, BK)
-    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
     prec = dot_precision(q)
-    dh = _empty(NT, H, K, V, dtype=dt, device=dev)
-    du = _empty(1, TT, H, V, dtype=dt, device=dev)
-    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev) if initial_state is not None else None
-    BVS = _state_bv(KP, BV)
-    chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(V, BVS), N * H)](
-        q, k, w, G, A, do, du, dh, dht, dh0, scale, cu, cu_chunks, H=H, K=K, V=V, BT=BT, KP=KP, BV=BVS,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec, **_launch("dh", dt, KP),
-    )
-    del w
-    dq = _empty(1, TT, H, K, dtype=dt, device=dev)
-    dk = _empty(1, TT, H, K, dtype=torch.float32, device=dev)
-    dw = _empty(1, TT, H, K, dtype=dt, device=dev)
-    dG = _empty(NK, TT, H, dtype=torch.float32, device=dev)
-    chunk_delta_rule_bwd_kernel_dqkw[(NK, NT, H)](
-        q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, cu, info, N, TT,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PREC=prec, **_launch("dqkw", dt),
-    )
-    del h, dh, v_new
-    dk_out = _empty(1, TT, H, K, dtype=dt, device=dev)
-    dv = _empty(1, TT, H, V, dtype=dt, device=dev)
-    dbeta = _empty(1, TT, H, dtype=torch.float32, device=dev)
-    dg = _empty(1, TT, H, dtype=torch.float32, device=dev)
-    chunk_delta_rule_bwd_kernel_wy[(NT, H)](
-        k, v, beta, G, Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, cu, info, N, TT,
-        H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, NK=NK, PREC=prec,
-        **_launch("bwd_wy", dt),
+    NK = triton.cdiv(d.K, d.BK)
+    G, w, u, Ti = _wy(k, v, beta, g, d, store_T=True)
+    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
+    dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+    dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32, device=dev)
+    dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+    dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
+    HS = _state_heads(d, dev)
+    for hb in range(0, d.H, HS):
+        last = hb + HS == d.H
+        h = _states(k, w, u, G, v_new, initial_state, None, d, hb, HS)
+        if last:
+            del u  # read by the state kernel only
+        dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
+        chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, d.BVS), d.N * HS)](
+            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT,
+            KP=d.KP, BV=d.BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+            **_launch("dh", dt, d.KP),
+        )
+        if last:
+            del w
+        chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
+            q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb,
+            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, **_launch("dqkw", dt),
+        )
+        del h, dh
+    del v_new
+    dk_out = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+    dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
+        k, v, beta, G, Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, d.cu, d.info, d.N, d.TT,
+        H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, **_launch("bwd_wy", dt),
     )
     return dq, dk_out, dv, dbeta, dg, dh0
 

@@ -96,6 +96,22 @@ def test_chunk_triton_blocks_l2norm(blocks):
     compare(got, ref, 1e-5)
 
 
+@pytest.mark.parametrize("heads_per_group", [1, 2, 4])
+def test_chunk_triton_state_head_groups(monkeypatch, heads_per_group):
+    """The backward's state kernels run per head group (1, 2 or all 4 heads at a time; on a GPU the group size follows
+    from the SM count): every group's h, dh and gradients land on their own heads."""
+    B, T, H, K, V = 2, 70, 4, 32, 16
+    # programs per head in a state-kernel launch: N sequences x V-blocks (block_v 16 -> 1); on CPU one "SM"
+    monkeypatch.setattr(chunk_mod, "STATE_GROUP_PROGRAMS_PER_SM", B * heads_per_group)
+    inputs = make_inputs(B, T, H, K, V, True)
+    q = inputs[0]
+    d = chunk_mod._dims(q.reshape(1, B * T, H, K), inputs[2].reshape(1, B * T, H, V),
+                        torch.tensor([0, T, 2 * T]), 64, 16, 16)
+    assert chunk_mod._state_heads(d, q.device) == heads_per_group
+    ref = run(naive_recurrent_delta_rule, inputs)
+    compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
+
+
 FUSED_CASES = [((2, 1, 2, 32, 32), False), ((1, 63, 2, 16, 32), False), ((1, 63, 2, 16, 32), True),
                ((1, 1000, 1, 16, 16), True)]
 

@@ -63,43 +63,55 @@ def launch_settings(table: dict, changes: dict):
 
 
 def kernels() -> list[dict]:
+    """fwd+bwd kernel times of the gated delta rule under LAUNCH / STATE_PREFETCH variants: dense batches, and MoM's
+    packing (98304 slots in 80 uneven segments) at H4 x D256."""
     from linear_moe.kernels.delta_rule import chunk as mod
 
     rows = []
-    shapes = [(16, 2048, 4, 256), (4, 8192, 4, 256), (4, 8192, 16, 128)]
+    shapes = [(16, 2048, 4, 256), (4, 8192, 4, 256), (4, 8192, 16, 128), (1, 98304, 4, 256)]
+    gen = torch.Generator().manual_seed(0)
+    cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
+    mom_cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
+    # (name, LAUNCH changes, STATE_PREFETCH changes, blocks)
     variants = [
-        ("default", {}, (64, 64, 64)),
-        ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, (64, 64, 64)),
-        ("BK128", {}, (64, 128, 64)),
-        ("stages2", {k: (w, 2) for k, (w, _) in mod.LAUNCH.items() if k not in ("h", "dh")}, (64, 64, 64)),
-        ("state-stages1", {"h": (4, 1), "dh": (4, 1)}, (64, 64, 64)),
-        ("state-warps8", {"h": (8, None), "dh": (8, None)}, (64, 64, 64)),
+        ("default", {}, {}, (64, 64, 64)),
+        ("no-prefetch", {}, {"h": False, "dh": False}, (64, 64, 64)),
+        ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, {}, (64, 64, 64)),
+        ("BK128", {}, {}, (64, 128, 64)),
+        ("stages2", {k: (w, 2) for k, (w, _) in mod.LAUNCH.items() if k not in ("h", "dh")}, {}, (64, 64, 64)),
+        ("state-stages1", {"h": (4, 1), "dh": (4, 1)}, {}, (64, 64, 64)),
+        ("state-warps8", {"h": (8, None), "dh": (8, None)}, {}, (64, 64, 64)),
     ]
     only = os.environ.get("VARIANTS")
     variants = [v for v in variants if not only or v[0] in only.split(",")]
     for B, T, H, D in shapes:
+        cu = mom_cu if B * T == 98304 else None
         q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = F.normalize(torch.randn(B, T, H, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
         v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
         g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
-        for name, launch, (BT, BK, BV) in variants:
+        label = f"B{B}xT{T}xH{H}xD{D}" + ("-80seg" if cu is not None else "")
+        for name, launch, prefetch, (BT, BK, BV) in variants:
 
-            def fb(q=q, k=k, v=v, beta=beta, g=g, BT=BT, BK=BK, BV=BV):
-                o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV)
+            def fb(q=q, k=k, v=v, beta=beta, g=g, BT=BT, BK=BK, BV=BV, cu=cu):
+                o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV, cu_seqlens=cu,
+                                            check_inputs=False)
                 o.backward(torch.ones_like(o))
 
             try:
-                with launch_settings(mod.LAUNCH, launch):
+                with launch_settings(mod.LAUNCH, launch), launch_settings(mod.STATE_PREFETCH, prefetch):
                     t = cuda_times(fb)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
-                print(f"{name} B{B}T{T}H{H}D{D}: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            show(f"gated delta rule fwd+bwd {name} B{B}xT{T}xH{H}xD{D}", t, top=8)
-            rows.append({"variant": name, "shape": [B, T, H, D], "ms": sum(t.values()), "kernels": t})
-    print("\n== kernel variants (fwd+bwd kernel ms, gated)")
+            show(f"gated delta rule fwd+bwd {name} {label}", t, top=8)
+            rows.append({"variant": name, "shape": label, "ms": sum(t.values()), "kernels": t})
+    print("\n== kernel variants (fwd+bwd kernel ms, gated; h / dh: the state kernels)")
     for r in rows:
-        print(f"{r['variant']:18} {'x'.join(map(str, r['shape'])):16} {r['ms']:8.3f}")
+        kt = r["kernels"]
+        print(f"{r['variant']:18} {r['shape']:24} {r['ms']:8.3f}   h {kt.get('chunk_delta_rule_fwd_kernel_h', 0):6.3f}"
+              f"   dh {kt.get('chunk_delta_rule_bwd_kernel_dh', 0):6.3f}")
     return rows
 
 

@@ -9,8 +9,8 @@ Segments are the packed documents (and MoM's per-memory segments) of a `[1, T, C
 position of its segment's first token; a dense `[B, T, C]` batch is one segment per row. The input may be a strided
 `[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied; a channel tile
 never crosses a unit, so its addresses are contiguous and the strides' common power-of-two factor is passed on for
-vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (fp32; with the norm, dy
-is first taken through it), its second dx and per-program partial dw (summed in torch, deterministic). With the norm a
+vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (computed in fp32, stored
+in x's dtype; with the norm, dy is first taken through it), its second dx and per-program partial dw (summed in torch, deterministic). With the norm a
 channel tile is the whole unit. No atomics, no host sync. `naive_short_conv` is the
 per-segment F.conv1d definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a
 pure-torch path for CPU, initial states and decoding.
@@ -27,7 +27,7 @@ import triton.language as tl
 from linear_moe.kernels.common import use_triton
 
 # Per kernel: (BT token rows per step, BC channels, num_warps, steps). A program covers BT * steps tokens in a loop of
-# BT-row steps and BC channels of one unit. The backward runs in two passes: "dact" writes da = dy * act'(pre) in fp32
+# BT-row steps and BC channels of one unit. The backward runs in two passes: "dact" writes da = dy * act'(pre)
 # (pre recomputed once per token), "dx" reads da at each source row's W targets (L1/L2 hits) for dx and the dw
 # partials. A fused single-pass backward (pre recomputed at the W targets, W*W x loads, no da in memory) measured
 # slower in every launch tried: 1.37-4.4 ms against this form's 1.06 ms at [16, 2048, 3072] on an H200.
@@ -36,6 +36,9 @@ from linear_moe.kernels.common import use_triton
 # With the L2 norm ("fwd_norm", "dact_norm") a tile spans the whole unit and BC is unused.
 # H100 sweep (2026-11-26): dx at 128 channels cut the backward 0.07 ms at each shape; with the norm, 8-row steps
 # took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward 1.11-1.15 ms in every launch tried).
+# da = dy * act'(pre) in fp32, or (default) rounded to x's dtype like dy itself: a quarter less memory traffic in the
+# backward, 0.23-0.26 ms less at [16, 2048, 3072] and the packed [1, 98304, 3072] (H100, 2026-11-26)
+DA_FP32 = False
 LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (32, 128, 4, 1),
                                                 "fwd_norm": (8, 0, 4, 8), "dact_norm": (8, 0, 4, 2)}
 
@@ -104,8 +107,9 @@ def short_conv_fwd_kernel(x, w, seg, y, T, C, sxb, sxt, sxu, eps, D: tl.constexp
 def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, eps, D: tl.constexpr, W: tl.constexpr,
                                A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
                                USE_SEG: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr):
-    """Backward, first pass: da = dy * act'(pre) (fp32), pre recomputed once per token as the forward does; with
-    the norm, dy is first taken back through it: r (dy - n sum(dy n)), n = act(pre) r, r = 1 / |act(pre)|."""
+    """Backward, first pass: da = dy * act'(pre) (in fp32, stored in da's dtype), pre recomputed once per token as
+    the forward does; with the norm, dy is first taken back through it: r (dy - n sum(dy n)), n = act(pre) r,
+    r = 1 / |act(pre)|."""
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
     for i_s in range(STEPS):
@@ -127,7 +131,7 @@ def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, eps, D: t
                 b_da = (b_da - b_n * tl.sum(b_da * b_n, 1)[:, None]) * r
             if ACT:
                 b_da = b_da * sig * (1 + pre * (1 - sig))
-        tl.store(da + off, b_da, mask=m)
+        tl.store(da + off, b_da.to(da.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -151,7 +155,8 @@ def short_conv_bwd_dx_kernel(x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, D: tl.c
             m_tgt = tgt < T
             if USE_SEG:
                 m_tgt = m_tgt & (tl.load(seg + tgt, mask=m_tgt, other=0) <= o_t)
-            b_da = tl.load(da + (row + tgt)[:, None] * C + c[None, :], mask=m_tgt[:, None] & m_d[None, :], other=0.0)
+            b_da = tl.load(da + (row + tgt)[:, None] * C + c[None, :], mask=m_tgt[:, None] & m_d[None, :],
+                           other=0.0).to(tl.float32)
             b_dx += b_da * taps[j][None, :]
             b_dw += tl.where(o_w[None, :] == W - 1 - j, tl.sum(b_x * b_da, 0)[:, None], 0.0)
         p_dx = dx + (row + o_t)[:, None] * C + c[None, :]
@@ -213,7 +218,7 @@ class ShortConvFunction(torch.autograd.Function):
         common = {"D": D, "W": W, "A": A, "USE_SEG": seg is not None}
         norm = ctx.eps is not None
         BT, BC, warps, steps = _launch("dact", D, norm)
-        da = torch.empty(B, T, C, dtype=torch.float32, device=x.device)
+        da = torch.empty(B, T, C, dtype=torch.float32 if DA_FP32 else x.dtype, device=x.device)
         short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](
             x, w, seg, dy, da, T, C, sxb, sxt, sxu, ctx.eps or 0.0, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act,
             NORM=norm, num_warps=warps)

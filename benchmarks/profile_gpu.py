@@ -2,6 +2,7 @@
 the gated DeltaNet and MoM layers (bf16, hidden 2048, 4 heads x 256, 32768 tokens), from torch.profiler.
 
 Run: python benchmarks/profile_gpu.py [kernels] [layers] [conv] [proj]   [VARIANTS=default,warps8,...]
+     [KERNEL_SHAPES=16x2048x4x256,1x98304x4x256,...]
      [CONV_VARIANTS=default,bt16,...]   (JSON in $OUT when set; PROFILE="conv layers" stands in for the arguments)
 Use it to choose kernel launch settings (kernels/delta_rule/chunk.py LAUNCH, kernels/short_conv.py LAUNCH) and to find
 layer overheads; the numbers to report come from bench_*.py.
@@ -51,6 +52,19 @@ def show(title: str, times: dict[str, float], top: int = 18) -> None:
 
 
 @contextlib.contextmanager
+def module_settings(mod, changes: dict):
+    """A module's constants set to `changes` inside the block, restored after it."""
+    base = {k: getattr(mod, k) for k in changes}
+    for k, v in changes.items():
+        setattr(mod, k, v)
+    try:
+        yield
+    finally:
+        for k, v in base.items():
+            setattr(mod, k, v)
+
+
+@contextlib.contextmanager
 def launch_settings(table: dict, changes: dict):
     """A kernel module's LAUNCH table with `changes` applied inside the block, restored after it."""
     base = dict(table)
@@ -63,19 +77,25 @@ def launch_settings(table: dict, changes: dict):
 
 
 def kernels() -> list[dict]:
-    """fwd+bwd kernel times of the gated delta rule under LAUNCH / STATE_PREFETCH variants: dense batches, and MoM's
-    packing (98304 slots in 80 uneven segments) at H4 x D256."""
+    """fwd+bwd kernel times of the gated delta rule under LAUNCH variants: dense batches, and MoM's packing (98304
+    slots in 80 uneven segments) at H4 x D256."""
     from linear_moe.kernels.delta_rule import chunk as mod
 
     rows = []
     shapes = [(16, 2048, 4, 256), (4, 8192, 4, 256), (4, 8192, 16, 128), (1, 98304, 4, 256)]
+    if os.environ.get("KERNEL_SHAPES"):  # e.g. 1x98304x4x256 (the packed MoM shape)
+        shapes = [tuple(int(n) for n in sh.split("x")) for sh in os.environ["KERNEL_SHAPES"].split(",")]
     gen = torch.Generator().manual_seed(0)
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     mom_cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
-    # (name, LAUNCH changes, STATE_PREFETCH changes, blocks)
+    # (name, LAUNCH changes, module settings, blocks)
     variants = [
         ("default", {}, {}, (64, 64, 64)),
-        ("no-prefetch", {}, {"h": False, "dh": False}, (64, 64, 64)),
+        ("no-head-groups", {}, {"STATE_GROUP_PROGRAMS_PER_SM": 10**9}, (64, 64, 64)),
+        ("head-groups-8", {}, {"STATE_GROUP_PROGRAMS_PER_SM": 8}, (64, 64, 64)),
+        ("in-order", {}, {"STATE_LONGEST_FIRST": False}, (64, 64, 64)),
+        ("in-order-no-groups", {}, {"STATE_LONGEST_FIRST": False, "STATE_GROUP_PROGRAMS_PER_SM": 10**9},
+         (64, 64, 64)),
         ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, {}, (64, 64, 64)),
         ("BK128", {}, {}, (64, 128, 64)),
         ("stages2", {k: (w, 2) for k, (w, _) in mod.LAUNCH.items() if k not in ("h", "dh")}, {}, (64, 64, 64)),
@@ -92,7 +112,7 @@ def kernels() -> list[dict]:
         beta = torch.rand(B, T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
         g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
         label = f"B{B}xT{T}xH{H}xD{D}" + ("-80seg" if cu is not None else "")
-        for name, launch, prefetch, (BT, BK, BV) in variants:
+        for name, launch, settings, (BT, BK, BV) in variants:
 
             def fb(q=q, k=k, v=v, beta=beta, g=g, BT=BT, BK=BK, BV=BV, cu=cu):
                 o, _ = mod.chunk_delta_rule(q, k, v, beta, g, chunk_size=BT, block_k=BK, block_v=BV, cu_seqlens=cu,
@@ -100,7 +120,7 @@ def kernels() -> list[dict]:
                 o.backward(torch.ones_like(o))
 
             try:
-                with launch_settings(mod.LAUNCH, launch), launch_settings(mod.STATE_PREFETCH, prefetch):
+                with launch_settings(mod.LAUNCH, launch), module_settings(mod, settings):
                     t = cuda_times(fb)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
@@ -142,7 +162,7 @@ def conv() -> list[dict]:
     """The short conv (bf16, W = 4, SiLU) under LAUNCH variants (BT, BC, warps, steps) for its forward and backward
     kernels: GDN's strided view of the in_proj output (4 units of 768 conv channels in 1026, [T, B] order), the same
     channels contiguous, a packed [1, 98304, 3072] batch of 80 uneven segments, and MoM's q: packed [1, 98304, 4, 256]
-    with each head L2-normalised in the conv ("_norm" launches). GB/s counts x read and y written
+    with each head L2-normalised in the conv (the "norm-*" variants). GB/s counts x read and y written
     (fwd), x and dy read and dx written (bwd)."""
     from linear_moe.kernels import short_conv as mod
 
@@ -152,9 +172,13 @@ def conv() -> list[dict]:
         "steps4": {"dact": (32, 128, 4, 4), "dx": (32, 128, 4, 4)},
         "w8": {"fwd": (32, 128, 8, 4), "dact": (32, 128, 8, 1), "dx": (32, 128, 8, 1)},
         "fwd-bc256": {"fwd": (16, 256, 8, 4)},
+        # with the L2 norm
         "norm-bt32": {"fwd_norm": (32, 0, 8, 4), "dact_norm": (32, 0, 8, 1)},
         "norm-bt16": {"fwd_norm": (16, 0, 4, 4), "dact_norm": (16, 0, 4, 1)},
         "norm-w8": {"fwd_norm": (16, 0, 8, 4), "dact_norm": (16, 0, 8, 1)},
+        # not a launch: da stored in fp32 instead of x's dtype (DA_FP32)
+        "da32": {"DA_FP32": True},
+        "norm-da32": {"DA_FP32": True},
     }
     only = os.environ.get("CONV_VARIANTS")
     variants = {k: v for k, v in variants.items() if not only or k in only.split(",")}
@@ -178,8 +202,10 @@ def conv() -> list[dict]:
         dy = torch.randn(x.shape[0], x.shape[1], C, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()
         for name, launch in variants.items():
-            if launch and any(k.endswith("_norm") for k in launch) != (eps is not None):
-                continue  # a variant of the other kind of conv
+            if name != "default" and name.startswith("norm") != (eps is not None):
+                continue  # a variant of the other kind of conv ("norm-*": with the L2 norm)
+            settings = {k: launch[k] for k in ("DA_FP32",) if k in launch}
+            launch = {k: v for k, v in launch.items() if k not in settings}
 
             def f(x=x, w=w, cu_seqlens=cu_seqlens, eps=eps):
                 return mod.short_conv(x, w, cu_seqlens=cu_seqlens, l2norm_eps=eps)
@@ -188,7 +214,7 @@ def conv() -> list[dict]:
                 torch.autograd.grad(f(), (x, w), dy)
 
             try:
-                with launch_settings(mod.LAUNCH, launch):
+                with launch_settings(mod.LAUNCH, launch), module_settings(mod, settings):
                     tf, tfb = cuda_times(f, iters=10), cuda_times(fb, iters=10)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")

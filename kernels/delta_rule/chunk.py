@@ -166,14 +166,15 @@ def chunk_delta_rule_fwd_kernel_wy(
 @triton.jit
 def chunk_delta_rule_fwd_kernel_h(
     k, w, u, G, h, v_new, h0, ht,
-    cu_seqlens, cu_chunks, hb,
+    cu_seqlens, cu_chunks, order, hb,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The states entering each chunk, h [NT, HS, K, V], and v_new, for the HS heads hb, hb + 1, ... (a head group)."""
+    """The states entering each chunk, h [NT, HS, K, V], and v_new, for the HS heads hb, hb + 1, ... (a head group);
+    programs take the sequences in `order` (longest first)."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
-    n, i_hs = i_ns // HS, i_ns % HS
+    n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
     i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
@@ -252,15 +253,15 @@ def chunk_delta_rule_fwd_kernel_o(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dh(
     q, k, w, G, A, do, dv, dh, dht, dh0, scale,
-    cu_seqlens, cu_chunks, hb,
+    cu_seqlens, cu_chunks, order, hb,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk,
-    [NT, HS, K, V]), for the HS heads from hb."""
+    [NT, HS, K, V]), for the HS heads from hb, sequences in `order`."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
-    n, i_hs = i_ns // HS, i_ns % HS
+    n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
     i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
@@ -490,8 +491,15 @@ def _state_bv(KP: int, BV: int) -> int:
 
 # The backward runs its state kernels (h recomputed, then dh, then dqkw) per group of heads, so that h and dh
 # [NT, heads, K, V] exist for one group at a time: groups as small as keep at least this many programs per SM in
-# each state-kernel launch (MoM's 80 segments x 4 heads of 256 at 32768 tokens: 4 groups of one head, 1.3 GB less).
-STATE_GROUP_PROGRAMS_PER_SM = 2
+# each state-kernel launch. A launch lasts as long as its longest program (one walks a whole sequence), so every
+# extra group costs that tail again. H100, MoM's packing (98304 slots, 80 uneven segments, 4 heads of 256), kernel
+# ms fwd+bwd: one group 9.37, two 9.45, four (at 2 per SM) 11.13. At 8, MoM at 32768 tokens gets two groups at B16
+# (h and dh 0.42 GB less at once) and one at B4.
+STATE_GROUP_PROGRAMS_PER_SM = 8
+# Programs take the sequences longest first, so that one long segment does not run alone at the end of a launch:
+# 9.66 -> 9.37 ms at the shape above; MoM's layer 23.42 -> 22.83 ms (B16 x T2048) and 24.73 -> 23.25 ms (B4 x T8192)
+# with four head groups.
+STATE_LONGEST_FIRST = True
 
 
 class Forward(NamedTuple):
@@ -503,7 +511,8 @@ class Forward(NamedTuple):
 
 class Dims(NamedTuple):
     """Sizes shared by the launches: tokens TT, heads H, K, V, sequences N, chunk and block sizes, K padded to a
-    power of two, the state kernels' V-block, and the chunk tables."""
+    power of two, the state kernels' V-block, the chunk tables, and the order in which the state kernels take the
+    sequences."""
     TT: int
     H: int
     K: int
@@ -518,14 +527,18 @@ class Dims(NamedTuple):
     cu_chunks: torch.Tensor
     info: torch.Tensor
     NT: int
+    order: torch.Tensor
 
 
 def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, BK: int, BV: int) -> Dims:
     _, TT, H, K = k.shape
     V = v.shape[-1]
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
-    return Dims(TT, H, K, V, cu_seqlens.numel() - 1, BT, BK, BV, KP, _state_bv(KP, BV),
-                *_chunk_tables(cu_seqlens, TT, BT))
+    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
+    lengths = cu[1:] - cu[:-1]
+    order = (lengths.argsort(descending=True, stable=True) if STATE_LONGEST_FIRST
+             else torch.arange(lengths.numel(), device=cu.device)).to(torch.int32)
+    return Dims(TT, H, K, V, lengths.numel(), BT, BK, BV, KP, _state_bv(KP, BV), cu, cu_chunks, info, NT, order)
 
 
 def _wy(k, v, beta, g, d: Dims, store_T: bool):
@@ -547,7 +560,7 @@ def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> 
     """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new (and ht)."""
     h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
     chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, d.BVS), d.N * HS)](
-        k, w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT,
+        k, w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT,
         KP=d.KP, BV=d.BVS, USE_H0=initial_state is not None, STORE_HT=ht is not None, PREC=dot_precision(k),
         **_launch("h", k.dtype, d.KP),
     )
@@ -609,7 +622,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
             del u  # read by the state kernel only
         dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
         chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, d.BVS), d.N * HS)](
-            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT,
+            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT,
             KP=d.KP, BV=d.BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
             **_launch("dh", dt, d.KP),
         )

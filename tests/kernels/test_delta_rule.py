@@ -299,6 +299,25 @@ def test_gpu_chunk_varlen_no_sync(dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_chunk_bf16_state_head_groups(monkeypatch):
+    """MoM's packing (40 uneven segments, some empty) at H4 x D256 in bf16, the backward's state kernels one head at
+    a time (two programs per SM suffice here), sequences longest first; every gradient against the fp32 reference."""
+    monkeypatch.setattr(chunk_mod, "STATE_GROUP_PROGRAMS_PER_SM", 2)
+    gen = torch.Generator().manual_seed(3)
+    cuts = torch.randint(0, 8192, (39,), generator=gen).sort().values
+    cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([8192])]).to("cuda", torch.int32)
+    cu[5] = cu[4]  # an empty segment
+    inputs = make_inputs(1, 8192, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda", N=40)
+    d = chunk_mod._dims(inputs[1], inputs[2], cu, 64, 64, 64)
+    assert chunk_mod._state_heads(d, torch.device("cuda")) == 1
+    ref = _gpu_reference(inputs, cu_seqlens=cu, use_qk_l2norm=True)
+    got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
+    assert not bad, (bad, errs)
+
+
+@pytest.mark.gpu
 def test_gpu_fused_recurrent_decode_bf16():
     inputs = make_inputs(8, 4, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda")
     ref = _gpu_reference(inputs, use_qk_l2norm=True)

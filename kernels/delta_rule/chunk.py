@@ -610,10 +610,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
-    dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-    dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32, device=dev)
-    dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-    dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
+    dq = dk = dw = dG = None
     HS = _state_heads(d, dev)
     for hb in range(0, d.H, HS):
         last = hb + HS == d.H
@@ -628,6 +625,12 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
         )
         if last:
             del w
+        if dq is None:
+            # after the first group's dh: with one group, w and u are gone by now
+            dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+            dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32, device=dev)
+            dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+            dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
         chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
             q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb,
             H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, **_launch("dqkw", dt),

@@ -26,10 +26,10 @@ SMEM_H100 = 232448
 BF16 = ["k", "v", "w", "u", "q", "o", "A", "h", "v_new", "do", "dv", "dh", "dq", "dw", "du", "dk_out", "dv_out", "x",
         "y", "dy", "dx", "dout", "out"]
 FP32 = ["beta", "g", "G", "Ti", "h0", "ht", "dht", "dh0", "dk", "dG", "dbeta", "dg", "da"]
-INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot"]
-TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32"}
+INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot", "order"]
+TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32", "eps": "fp32"}
 D256 = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64}
-STATE = {"H": 4, "K": 256, "V": 256, "BT": 64, "KP": 256, "BV": 32}
+STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256, "BV": 32}
 GLA = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": True, "PREC": "tf32"}
 GLA_PTRS = {"gc": "*fp32", "chunk_offsets": "*i32", "chunk_indices": "*i32"}
 
@@ -41,15 +41,21 @@ CASES = {
     "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True), 3, {}),
     "delta_bwd_dh": (delta.chunk_delta_rule_bwd_kernel_dh, dict(STATE, USE_DHT=True, STORE_DH0=True, PREC="tf32"), 1,
                      {}),
-    "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, PREC="tf32"), 3, {}),
+    "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, PREC="tf32"), 3, {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32"), 3, {}),
-    "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True},
-                 3, {"w": "*fp32"}),
+    "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True,
+                                              "ACT": True, "NORM": False}, 3, {"w": "*fp32"}),
+    # with the fused L2 norm: the whole 256-channel head in one tile
+    "conv_fwd_norm": (conv.short_conv_fwd_kernel, {"D": 256, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 8,
+                                                   "USE_SEG": True, "ACT": True, "NORM": True}, 3, {"w": "*fp32"}),
+    "conv_bwd_dact_norm": (conv.short_conv_bwd_dact_kernel,
+                           {"D": 256, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 2, "USE_SEG": True, "ACT": True,
+                            "NORM": True}, 3, {"w": "*fp32", "da": "*bf16"}),
     "conv_bwd_dact": (conv.short_conv_bwd_dact_kernel,
-                      {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True}, 3,
-                      {"w": "*fp32", "da": "*fp32"}),
-    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "WP": 4, "A": 8, "BT": 32, "BC": 64, "STEPS": 4, "USE_SEG": True},
-                    3, {"w": "*fp32", "da": "*fp32", "dw": "*fp32"}),
+                      {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True,
+                       "NORM": False}, 3, {"w": "*fp32", "da": "*bf16"}),
+    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "WP": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 1,
+                                                    "USE_SEG": True}, 3, {"w": "*fp32", "da": "*bf16", "dw": "*fp32"}),
     # the GLA backward's fp32 states and state gradients, dotted in tf32
     "gla_bwd_h": (gla.chunk_gla_fwd_kernel_h, dict(GLA, USE_G=True, USE_H0=True, STORE_HT=True), 3,
                   {"h": "*fp32", **GLA_PTRS}),

@@ -52,27 +52,14 @@ def show(title: str, times: dict[str, float], top: int = 18) -> None:
 
 
 @contextlib.contextmanager
-def module_settings(mod, changes: dict):
-    """A module's constants set to `changes` inside the block, restored after it."""
-    base = {k: getattr(mod, k) for k in changes}
-    for k, v in changes.items():
-        setattr(mod, k, v)
-    try:
-        yield
-    finally:
-        for k, v in base.items():
-            setattr(mod, k, v)
-
-
-@contextlib.contextmanager
 def launch_settings(table: dict, changes: dict):
-    """A kernel module's LAUNCH table with `changes` applied inside the block, restored after it."""
-    base = dict(table)
+    """`changes` applied to `table` inside the block, the old values restored after it: a kernel module's LAUNCH
+    table, or its namespace `vars(module)` for module constants (STATE_GROUP_PROGRAMS_PER_SM, DA_FP32, ...)."""
+    base = {k: table[k] for k in changes}
     table.update(changes)
     try:
         yield
     finally:
-        table.clear()
         table.update(base)
 
 
@@ -120,7 +107,7 @@ def kernels() -> list[dict]:
                 o.backward(torch.ones_like(o))
 
             try:
-                with launch_settings(mod.LAUNCH, launch), module_settings(mod, settings):
+                with launch_settings(mod.LAUNCH, launch), launch_settings(vars(mod), settings):
                     t = cuda_times(fb)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"{name} {label}: {type(e).__name__}: {str(e)[:200]}")
@@ -214,7 +201,7 @@ def conv() -> list[dict]:
                 torch.autograd.grad(f(), (x, w), dy)
 
             try:
-                with launch_settings(mod.LAUNCH, launch), module_settings(mod, settings):
+                with launch_settings(mod.LAUNCH, launch), launch_settings(vars(mod), settings):
                     tf, tfb = cuda_times(f, iters=10), cuda_times(fb, iters=10)
             except Exception as e:  # noqa: BLE001 (a variant that does not fit is reported, the rest still run)
                 print(f"conv {name} {shape}: {type(e).__name__}: {str(e)[:200]}")

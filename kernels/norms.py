@@ -29,6 +29,8 @@ DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 # Launch settings. tile: elements of one [BM, BD] tile (rows per tile BM = max(1, tile // BD)); warps: num_warps;
 # bwd_programs_per_sm: programs per SM in the gated backward (each loops over row tiles, so the weight-gradient
 # partial buffer stays small); sms_cpu: SM count assumed on CPU (interpreter). Tests shrink these to force loops.
+L2NORM_EPS = 1e-6
+"""The L2 norm's default eps (added to the sum of squares), also used where the norm is fused into the conv."""
 LAUNCH: dict[str, int] = {"tile": 2048, "warps": 4, "bwd_programs_per_sm": 8, "sms_cpu": 1}
 
 MAX_D = 1024
@@ -268,7 +270,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         return dx, dw, dg, None
 
 
-def torch_l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def torch_l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     """L2-normalise the last dim in fp32 (differentiable), back in x's dtype; the definition (the kernels'
     `use_qk_l2norm` and MoM's q, k)."""
     xf = x.float()
@@ -287,7 +289,7 @@ def torch_gated_rmsnorm(
     return y.to(x.dtype)
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
+def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS, *, backend: str | None = None) -> torch.Tensor:
     """y = x * rsqrt(sum(x^2) + eps) over the last dim, in fp32, returned contiguous in x's dtype; differentiable.
 
     Args:

@@ -10,9 +10,9 @@ position of its segment's first token; a dense `[B, T, C]` batch is one segment 
 `[B, T, U, D]` view (a few sections split out of a larger projection): it is read in place, not copied; a channel tile
 never crosses a unit, so its addresses are contiguous and the strides' common power-of-two factor is passed on for
 vector loads. One kernel writes y; the backward's first kernel writes da = dy * act'(pre) (computed in fp32, stored
-in x's dtype; with the norm, dy is first taken through it), its second dx and per-program partial dw (summed in torch, deterministic). With the norm a
-channel tile is the whole unit. No atomics, no host sync. `naive_short_conv` is the
-per-segment F.conv1d definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a
+in x's dtype; with the norm, dy is first taken through it), its second dx and per-program partial dw (summed in
+torch, deterministic). With the norm a channel tile is the whole unit. No atomics, no host sync. `naive_short_conv` is
+the per-segment F.conv1d definition the tests compare against; the module (linear_moe/modules/short_conv.py) keeps a
 pure-torch path for CPU, initial states and decoding.
 """
 from __future__ import annotations
@@ -25,17 +25,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.norms import torch_l2norm
 
 # Per kernel: (BT token rows per step, BC channels, num_warps, steps). A program covers BT * steps tokens in a loop of
 # BT-row steps and BC channels of one unit. The backward runs in two passes: "dact" writes da = dy * act'(pre)
 # (pre recomputed once per token), "dx" reads da at each source row's W targets (L1/L2 hits) for dx and the dw
 # partials. A fused single-pass backward (pre recomputed at the W targets, W*W x loads, no da in memory) measured
 # slower in every launch tried: 1.37-4.4 ms against this form's 1.06 ms at [16, 2048, 3072] on an H200.
-# Defaults: the best of `benchmarks/profile_gpu.py conv` on an H200 (2026-11-26); forward 0.15 ms at [16, 2048, 3072]
-# and 0.60 ms over MoM's packed [1, 98304, 3072] (0.41 and 1.08 ms before, H100), backward 1.07 and 3.05 ms.
-# With the L2 norm ("fwd_norm", "dact_norm") a tile spans the whole unit and BC is unused.
-# H100 sweep (2026-11-26): dx at 128 channels cut the backward 0.07 ms at each shape; with the norm, 8-row steps
-# took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward 1.11-1.15 ms in every launch tried).
+# Defaults: the best of `benchmarks/profile_gpu.py conv`, first on an H200 (forward 0.15 ms at [16, 2048, 3072] and
+# 0.60 ms over MoM's packed [1, 98304, 3072], 0.41 and 1.08 ms before on an H100), then on an H100 (2026-11-26): dx at
+# 128 channels cut the backward 0.07 ms at each shape. With the L2 norm ("fwd_norm", "dact_norm") a tile spans the
+# whole unit and BC is unused; 8-row steps took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward
+# 1.11-1.15 ms in every launch tried).
 # da = dy * act'(pre) in fp32, or (default) rounded to x's dtype like dy itself: a quarter less memory traffic in the
 # backward, 0.23-0.26 ms less at [16, 2048, 3072] and the packed [1, 98304, 3072] (H100, 2026-11-26)
 DA_FP32 = False
@@ -291,8 +292,7 @@ def naive_short_conv(x: torch.Tensor, weight: torch.Tensor, *, cu_seqlens: torch
         y = F.silu(y) if activation == "silu" else y
         if l2norm_eps is None:
             return y
-        u = y.unflatten(-1, (-1, D))
-        return (u * torch.rsqrt(u.pow(2).sum(-1, keepdim=True) + l2norm_eps)).flatten(-2)
+        return torch_l2norm(y.unflatten(-1, (-1, D)), l2norm_eps).flatten(-2)
 
     if cu_seqlens is None:
         return torch.stack([conv(row) for row in x])

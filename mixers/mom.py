@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from linear_moe.kernels import mom_dispatch
 from linear_moe.kernels.common import use_triton
-from linear_moe.kernels.norms import l2norm
+from linear_moe.kernels.norms import L2NORM_EPS, l2norm
 from linear_moe.kernels.short_conv import short_conv
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -52,8 +52,6 @@ except ImportError:
     telemetry = None
 
 Tensor = torch.Tensor
-L2_EPS = 1e-6
-"""eps of the per-head L2 norm of q and k (added to the sum of squares)."""
 
 
 @register_mixer("mom", symbol="X")
@@ -180,7 +178,7 @@ class MixtureOfMemories(LinearMixer):
                                   activation=self.conv.activation, l2norm_eps=eps,
                                   backend="triton").view(1, S, H, hi - lo)
 
-            return conv(q, 0, K, L2_EPS), conv(k, K, 2 * K, L2_EPS), conv(v, 2 * K, 2 * K + V, None), *gates
+            return conv(q, 0, K, L2NORM_EPS), conv(k, K, 2 * K, L2NORM_EPS), conv(v, 2 * K, 2 * K + V, None), *gates
         qkv = torch.cat([q, k, v], dim=-1).reshape(1, S, H * (2 * K + V))
         if self.conv is not None and conv_state is not None:
             if cu_seqlens is None:
@@ -199,8 +197,7 @@ class MixtureOfMemories(LinearMixer):
         else:
             qkv = F.silu(qkv)
         q, k, v = qkv.view(1, S, H, 2 * K + V).split([K, K, V], dim=-1)
-        return (l2norm(q, L2_EPS, backend=self.backend), l2norm(k, L2_EPS, backend=self.backend), v.contiguous(),
-                *gates)
+        return l2norm(q, backend=self.backend), l2norm(k, backend=self.backend), v.contiguous(), *gates
 
     def scan(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, cu_seqlens: Tensor) -> Tensor:
         """ONE chunked kernel call over all packed segments `[1, S, H, D]` -> o `[1, S, H, V]`.

@@ -619,8 +619,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
             del u  # read by the state kernel only
         dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
         chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, d.BVS), d.N * HS)](
-            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT,
-            KP=d.KP, BV=d.BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
+            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V,
+            BT=BT, KP=d.KP, BV=d.BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
             **_launch("dh", dt, d.KP),
         )
         if last:

@@ -27,7 +27,8 @@ BF16 = ["k", "v", "w", "u", "q", "o", "A", "h", "v_new", "do", "dv", "dh", "dq",
         "y", "dy", "dx", "dout", "out"]
 FP32 = ["beta", "g", "G", "Ti", "h0", "ht", "dht", "dh0", "dk", "dG", "dbeta", "dg", "da"]
 INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot", "order"]
-TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32", "eps": "fp32"}
+TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32",
+         "eps": "fp32"}
 D256 = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64}
 STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256, "BV": 32}
 GLA = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": True, "PREC": "tf32"}
@@ -43,8 +44,8 @@ CASES = {
                      {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, PREC="tf32"), 3, {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32"), 3, {}),
-    "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True,
-                                              "ACT": True, "NORM": False}, 3, {"w": "*fp32"}),
+    "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4,
+                                              "USE_SEG": True, "ACT": True, "NORM": False}, 3, {"w": "*fp32"}),
     # with the fused L2 norm: the whole 256-channel head in one tile
     "conv_fwd_norm": (conv.short_conv_fwd_kernel, {"D": 256, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 8,
                                                    "USE_SEG": True, "ACT": True, "NORM": True}, 3, {"w": "*fp32"}),

@@ -1,6 +1,7 @@
 """Benchmark the chunked delta rule (gated and plain) against fla 0.6.0 and SDPA flash attention, bf16, one GPU.
 
-Run: python benchmarks/bench_delta_rule.py   (optional: SHAPES=16x2048x4x256,... ; JSON rows go to $OUT when set)
+Run: python benchmarks/bench_delta_rule.py   (optional: SHAPES=16x2048x4x256,... ; FLA_SHAPES=... the shapes fla runs
+at, default SHAPES, empty: none, as its autotuning takes minutes; JSON rows go to $OUT when set)
 TFLOP/s is a model count: forward 2 * (3 K V + BT (3 K + 2 V)) per token and head (BT = 64), fwd+bwd 3x that;
 SDPA causal: 2 T^2 D per head forward, 3.5x that for fwd+bwd.
 """
@@ -62,13 +63,15 @@ def main():
         fla_delta = fla_gated = None
     shapes = [tuple(map(int, s.split("x"))) for s in
               os.environ.get("SHAPES", "16x2048x4x256,4x8192x4x256,16x2048x16x128,4x8192x16x128").split(",")]
+    fla_shapes = [tuple(map(int, s.split("x"))) for s in os.environ["FLA_SHAPES"].split(",") if s] \
+        if "FLA_SHAPES" in os.environ else shapes
     rows = []
     # ours and SDPA at every shape first, fla after: fla's gated backward runs with its Hopper guard lifted, and a
     # miscompiled kernel that writes out of bounds must not take our rows down with it
     for B, T, H, D in shapes:
         rows += measure_shape(B, T, H, D, ours=True)
     if fla_gated is not None:
-        for B, T, H, D in shapes:
+        for B, T, H, D in fla_shapes:
             rows += measure_shape(B, T, H, D, ours=False, fla=(fla_gated, fla_delta))
     report(rows)
 

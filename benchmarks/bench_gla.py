@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gla.py            # bf16, B16xT2048 and B4xT8192 at H4xD256 and H16xD128
     SHAPES=4x8192x4x256 python benchmarks/bench_gla.py   # chosen shapes only (BxTxHxD, comma-separated)
+    FLA_SHAPES= python benchmarks/bench_gla.py            # fla at these shapes only (default SHAPES; empty: none)
 
 Prints the card, torch, triton and commit first, one table last; writes $OUT/bench_gla.json when OUT is set.
 TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
@@ -22,6 +23,8 @@ from triton.testing import do_bench
 
 SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "16x2048x4x256,4x8192x4x256,16x2048x16x128,4x8192x16x128").split(",")]
+FLA_SHAPES = [tuple(map(int, s.split("x"))) for s in os.environ["FLA_SHAPES"].split(",") if s] \
+    if "FLA_SHAPES" in os.environ else SHAPES
 
 
 def header() -> None:
@@ -84,7 +87,7 @@ def main() -> None:
     dt = torch.bfloat16
     # ours and SDPA at every shape first, fla after: a miscompiled fla kernel (its Hopper guard is lifted for timing)
     # that writes out of bounds must not take our rows down with it
-    for with_fla, (B, T, H, D) in [(f, s) for f in (False, True) for s in SHAPES]:
+    for with_fla, (B, T, H, D) in [(False, s) for s in SHAPES] + [(True, s) for s in FLA_SHAPES]:
         if with_fla and fla_gla is None:
             break
         torch.manual_seed(42)

@@ -75,6 +75,10 @@ def kernels() -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     mom_cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
+
+    def state(**k256):
+        return {name: {**bk, **({256: k256[name]} if name in k256 else {})} for name, bk in mod.STATE_LAUNCH.items()}
+
     # (name, LAUNCH changes, module settings, blocks)
     variants = [
         ("default", {}, {}, (64, 64, 64)),
@@ -86,7 +90,12 @@ def kernels() -> list[dict]:
         ("warps8", {k: (8, s) for k, (_, s) in mod.LAUNCH.items()}, {}, (64, 64, 64)),
         ("BK128", {}, {}, (64, 128, 64)),
         ("stages2", {k: (w, 2) for k, (w, _) in mod.LAUNCH.items() if k not in ("h", "dh")}, {}, (64, 64, 64)),
-        ("state-stages1", {"h": (4, 1), "dh": (4, 1)}, {}, (64, 64, 64)),
+        # the state kernels at K = 256 in one (V-block, stages) option each (STATE_LAUNCH): the one-stage dh that
+        # reads the forward's scores, the two-stage one that recomputes them, the 32-wide one-stage launches of before
+        ("dh-32x1", {}, {"STATE_LAUNCH": state(dh=[(32, 1)])}, (64, 64, 64)),
+        ("dh-32x2", {}, {"STATE_LAUNCH": state(dh=[(32, 2)])}, (64, 64, 64)),
+        ("h-32x1-dh-32x1", {}, {"STATE_LAUNCH": state(h=[(32, 1)], dh=[(32, 1)])}, (64, 64, 64)),
+        ("h-32x2", {}, {"STATE_LAUNCH": state(h=[(32, 2)])}, (64, 64, 64)),
         ("state-warps8", {"h": (8, None), "dh": (8, None)}, {}, (64, 64, 64)),
     ]
     only = os.environ.get("VARIANTS")
@@ -159,6 +168,12 @@ def conv() -> list[dict]:
         "steps4": {"dact": (32, 128, 4, 4), "dx": (32, 128, 4, 4)},
         "w8": {"fwd": (32, 128, 8, 4), "dact": (32, 128, 8, 1), "dx": (32, 128, 8, 1)},
         "fwd-bc256": {"fwd": (16, 256, 8, 4)},
+        # dx: one warp over 256 channels (default, 8 rows x 8 steps), longer or shorter loops, the old 4-warp tiles
+        "dx-16x256w1s4": {"dx": (16, 256, 1, 4)},
+        "dx-8x256w1s16": {"dx": (8, 256, 1, 16)},
+        "dx-4x256w1s16": {"dx": (4, 256, 1, 16)},
+        "dx-32x128w4s1": {"dx": (32, 128, 4, 1)},
+        "dact-8x256w1s8": {"dact": (8, 256, 1, 8)},
         # with the L2 norm
         "norm-bt32": {"fwd_norm": (32, 0, 8, 4), "dact_norm": (32, 0, 8, 1)},
         "norm-bt16": {"fwd_norm": (16, 0, 4, 4), "dact_norm": (16, 0, 4, 1)},

@@ -33,14 +33,16 @@ from linear_moe.kernels.norms import torch_l2norm
 # partials. A fused single-pass backward (pre recomputed at the W targets, W*W x loads, no da in memory) measured
 # slower in every launch tried: 1.37-4.4 ms against this form's 1.06 ms at [16, 2048, 3072] on an H200.
 # Defaults: the best of `benchmarks/profile_gpu.py conv`, first on an H200 (forward 0.15 ms at [16, 2048, 3072] and
-# 0.60 ms over MoM's packed [1, 98304, 3072], 0.41 and 1.08 ms before on an H100), then on an H100 (2026-11-26): dx at
-# 128 channels cut the backward 0.07 ms at each shape. With the L2 norm ("fwd_norm", "dact_norm") a tile spans the
+# 0.60 ms over MoM's packed [1, 98304, 3072], 0.41 and 1.08 ms before on an H100), then on an H100 (2026-11-26). dx
+# runs one warp over 8-row steps of 256 channels: dw's per-tap column sums then stay within the warp (no shared-memory
+# round trips), and the backward fell from 2.94 to 1.67 ms over the packed [1, 98304, 3072] and from 0.96 to 0.52 ms
+# on GDN's view (4 warps over [32, 128] tiles before; two warps over [16, 256]: 2.04 and 0.66 ms). With the L2 norm ("fwd_norm", "dact_norm") a tile spans the
 # whole unit and BC is unused; 8-row steps took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward
 # 1.11-1.15 ms in every launch tried).
 # da = dy * act'(pre) in fp32, or (default) rounded to x's dtype like dy itself: a quarter less memory traffic in the
 # backward, 0.23-0.26 ms less at [16, 2048, 3072] and the packed [1, 98304, 3072] (H100, 2026-11-26)
 DA_FP32 = False
-LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (32, 128, 4, 1),
+LAUNCH: dict[str, tuple[int, int, int, int]] = {"fwd": (32, 128, 4, 4), "dact": (32, 128, 4, 1), "dx": (8, 256, 1, 8),
                                                 "fwd_norm": (8, 0, 4, 8), "dact_norm": (8, 0, 4, 2)}
 
 
@@ -136,21 +138,24 @@ def short_conv_bwd_dact_kernel(x, w, seg, dy, da, T, C, sxb, sxt, sxu, eps, D: t
 
 
 @triton.jit
-def short_conv_bwd_dx_kernel(x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
-                             WP: tl.constexpr, A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                             STEPS: tl.constexpr, USE_SEG: tl.constexpr):
+def short_conv_bwd_dx_kernel(x, w, seg, da, dx, dw, T, C, P, sxb, sxt, sxu, D: tl.constexpr, W: tl.constexpr,
+                             A: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, STEPS: tl.constexpr,
+                             USE_SEG: tl.constexpr):
     """Backward, second pass: dx[s] = sum_j w[W-1-j] da[s+j] over targets s+j in s's segment (da read W times,
-    mostly from L1/L2) and this program's partial dw."""
+    mostly from L1/L2) and this program's partial dw, one [BC] row per tap of dw [W, P, C] (P row-programs): each
+    tap's sum stays in the reduction's layout, with no [BC, W] tile to gather it into."""
     i_b, base, o_d, c, m_d = _tile(x, tl.program_id(1), sxb, sxu, D, BC, A)
     taps = _taps(w, c, m_d, W)
     row = i_b.to(tl.int64) * T
-    o_w = tl.arange(0, WP)
-    b_dw = tl.zeros([BC, WP], dtype=tl.float32)
+    b_dw = ()
+    for j in tl.static_range(W):
+        b_dw = b_dw + (tl.zeros([BC], dtype=tl.float32),)
     for i_s in range(STEPS):
         o_t = (tl.program_id(0) * STEPS + i_s) * BT + tl.arange(0, BT)
         m_t = o_t < T
         b_x = _x(base, o_t, m_t, o_d, m_d, sxt, A)
         b_dx = tl.zeros([BT, BC], dtype=tl.float32)
+        acc = ()
         for j in tl.static_range(W):
             tgt = o_t + j
             m_tgt = tgt < T
@@ -159,12 +164,14 @@ def short_conv_bwd_dx_kernel(x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, D: tl.c
             b_da = tl.load(da + (row + tgt)[:, None] * C + c[None, :], mask=m_tgt[:, None] & m_d[None, :],
                            other=0.0).to(tl.float32)
             b_dx += b_da * taps[j][None, :]
-            b_dw += tl.where(o_w[None, :] == W - 1 - j, tl.sum(b_x * b_da, 0)[:, None], 0.0)
+            acc = acc + (b_dw[j] + tl.sum(b_x * b_da, 0),)
+        b_dw = acc
         p_dx = dx + (row + o_t)[:, None] * C + c[None, :]
         tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-    i_p = i_b * tl.num_programs(0) + tl.program_id(0)
-    p_dw = dw + (i_p.to(tl.int64) * C + c)[:, None] * W + o_w[None, :]
-    tl.store(p_dw, b_dw, mask=m_d[:, None] & (o_w < W)[None, :])
+    i_p = (i_b * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
+    for j in tl.static_range(W):
+        # x[s] da[s + j] belongs to tap W - 1 - j
+        tl.store(dw + ((W - 1 - j) * P + i_p) * C + c, b_dw[j], mask=m_d)
 
 
 def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
@@ -179,9 +186,11 @@ def _layout(x: torch.Tensor) -> tuple[int, int, int, int, int]:
 
 
 def _launch(kernel: str, D: int, norm: bool) -> tuple[int, int, int, int]:
-    """LAUNCH[kernel] (its "_norm" entry with the norm, whose channel tile is the unit)."""
+    """LAUNCH[kernel], its channel tile no wider than the unit (its "_norm" entry with the norm, whose channel tile
+    is the unit)."""
     if not norm:
-        return LAUNCH[kernel]
+        BT, BC, warps, steps = LAUNCH[kernel]
+        return BT, min(BC, triton.next_power_of_2(D)), warps, steps
     BT, _, warps, steps = LAUNCH[kernel + "_norm"]
     return BT, triton.next_power_of_2(D), warps, steps
 
@@ -223,13 +232,13 @@ class ShortConvFunction(torch.autograd.Function):
         short_conv_bwd_dact_kernel[_grid(x, D, BT, BC, steps)](
             x, w, seg, dy, da, T, C, sxb, sxt, sxu, ctx.eps or 0.0, **common, BT=BT, BC=BC, STEPS=steps, ACT=ctx.act,
             NORM=norm, num_warps=warps)
-        BT, BC, warps, steps = LAUNCH["dx"]
+        BT, BC, warps, steps = _launch("dx", D, False)
         grid = _grid(x, D, BT, BC, steps)
-        dw = torch.empty(B * grid[0], C, W, dtype=torch.float32, device=x.device)
+        P = B * grid[0]
+        dw = torch.empty(W, P, C, dtype=torch.float32, device=x.device)
         short_conv_bwd_dx_kernel[grid](
-            x, w, seg, da, dx, dw, T, C, sxb, sxt, sxu, **common, WP=triton.next_power_of_2(W), BT=BT, BC=BC,
-            STEPS=steps, num_warps=warps)
-        return dx.view(x.shape), dw.sum(0).to(ctx.weight_dtype), None, None, None
+            x, w, seg, da, dx, dw, T, C, P, sxb, sxt, sxu, **common, BT=BT, BC=BC, STEPS=steps, num_warps=warps)
+        return dx.view(x.shape), dw.sum(1).t().to(ctx.weight_dtype), None, None, None
 
 
 def segment_starts(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:

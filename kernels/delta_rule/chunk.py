@@ -30,21 +30,60 @@ DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 
 
 # Launch settings per kernel: (num_warps, num_stages). Stages None: 3 for 16-bit inputs, 2 for fp32 (fp32 tiles are
-# twice as large); for the state kernels h and dh, 2 for 16-bit inputs at K <= 128 and 1 otherwise: they hold a
-# [K, BV] fp32 state beside [BT, K] tiles, and at K = 256 two stages need 238 KB of shared memory (an H100 has 227 KB).
-# At K = 128 two stages cut h and dh by 30% (B4 x T8192, H16, H100). `benchmarks/profile_gpu.py kernels` varies these.
+# twice as large); for the state kernels h and dh, STATE_LAUNCH. `benchmarks/profile_gpu.py kernels` varies these.
 LAUNCH: dict[str, tuple[int, int | None]] = {
     "wy": (4, None), "h": (4, None), "o": (4, None), "dh": (4, None), "dqkw": (4, None), "bwd_wy": (4, None),
 }
+# The state kernels h and dh hold a [K, BV] fp32 state beside [BT, K] tiles and walk a sequence's chunks in order,
+# one program per (sequence, head, V-block). Per kernel and K bucket (<= 128, 256), (V-block, stages) options for
+# 16-bit inputs (fp32: one stage): a launch takes the first that gives every SM a program, else the last (the one for
+# launches too short of programs to hide load latency). Two stages load the next chunk's tiles during this chunk's
+# products. H100, Triton 3.6, kernel ms per fwd+bwd:
+# - h at K = 256: (64, 2) 0.46 against 0.72 at (32, 1) for B16 x T2048 x H4 (256 programs at BV 64), 1.40 against
+#   2.13 at MoM's packing (98304 slots, 80 segments); (32, 2) 0.62 against 1.15 at (32, 1) and 0.72 at (64, 2) for
+#   B4 x T8192 x H4 (64 programs at BV 64).
+# - dh at K = 256: two stages need 238 KB of shared memory at BV 32 when dh reads the forward's q.k scores (over the
+#   H100's 227 KB; sm_90, 16-byte aligned pointers), so in two stages it recomputes them from its k and q tiles
+#   (217 KB). That pays only with few programs: 0.57 against 0.80 ms at B4 x T8192 x H4 (128 programs), but 0.59
+#   against 0.51 at B16 x T2048 and 1.70 against 1.55 at MoM's packing, where the one-stage dh reading the scores is
+#   kept.
+# - At K = 128 two stages cut h and dh by 30% (B4 x T8192, H16).
+STATE_LAUNCH: dict[str, dict[int, list[tuple[int, int]]]] = {
+    "h": {128: [(64, 2)], 256: [(64, 2), (32, 2)]},
+    "dh": {128: [(64, 2)], 256: [(32, 1), (32, 2)]},
+}
+# dh recomputes the scores when it runs in two stages at K above this (the tests lower it to cover that path)
+DH_RECOMPUTE_ABOVE_K = 128
 
 
-def _launch(name: str, dtype: torch.dtype, KP: int | None = None) -> dict[str, int]:
+def _launch(name: str, dtype: torch.dtype) -> dict[str, int]:
     warps, stages = LAUNCH[name]
-    if stages is None and name in ("h", "dh"):
-        stages = 2 if dtype != torch.float32 and KP <= 128 else 1
-    elif stages is None:
+    if stages is None:
         stages = 2 if dtype == torch.float32 else 3
     return {"num_warps": warps, "num_stages": stages}
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _state_launch(name: str, dtype: torch.dtype, KP: int, BV: int, V: int, rows: int, device: torch.device
+                  ) -> tuple[int, dict[str, int]]:
+    """(V-block, launch settings) of state kernel `name` ("h" or "dh") at K padded to KP, block_v BV and value dim
+    V, over `rows` (sequence, head) pairs."""
+    options = STATE_LAUNCH[name][128 if KP <= 128 else 256]
+    bv, stages = next(((b, st) for b, st in options if rows * triton.cdiv(V, min(BV, b)) >= _sms(device)),
+                      options[-1])
+    warps, fixed = LAUNCH[name]
+    stages = fixed if fixed is not None else 1 if dtype == torch.float32 else stages
+    return min(BV, bv), {"num_warps": warps, "num_stages": stages}
+
+
+def _dh_launch(d: Dims, dtype: torch.dtype, device: torch.device) -> tuple[int, dict[str, int], bool]:
+    """The dh kernel's V-block and launch (chosen over all heads; the head groups keep it), and whether it recomputes
+    the q.k scores (see STATE_LAUNCH): the forward then need not keep them."""
+    BV, launch = _state_launch("dh", dtype, d.KP, d.BV, d.V, d.N * d.H, device)
+    return BV, launch, launch["num_stages"] > 1 and d.KP > DH_RECOMPUTE_ABOVE_K
 
 
 def _empty(*shape, dtype, device):
@@ -256,7 +295,7 @@ def chunk_delta_rule_bwd_kernel_dh(
     cu_seqlens, cu_chunks, order, hb,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, RECOMPUTE_A: tl.constexpr, PREC: tl.constexpr,
 ):
     """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk,
     [NT, HS, K, V]), for the HS heads from hb, sequences in `order`."""
@@ -286,19 +325,25 @@ def chunk_delta_rule_bwd_kernel_dh(
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_qt = tl.load(p_qt, mask=m_qt, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
-        # [BT, BT]: entry (j, i) = q_i.k_j exp(G_i - G_j) for i >= j, the forward's scores read transposed
-        p_At, m_At = _tile(A + (bos * H + i_h) * BT, BT, T, 1, H * BT, 0, i_t * BT, BT, BT)
-        b_Akq = tl.load(p_At, mask=m_At, other=0.0)
         b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
         m_t = i_t * BT + o_i < T
-        b_kd = (b_k * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]).to(b_k.dtype)
-        b_qt = (b_qt * (tl.exp(b_G) * scale)[None, :]).to(b_qt.dtype)
+        # [BT, BT]: entry (j, i) = q_i.k_j exp(G_i - G_j) for i >= j: the forward's scores read transposed, or
+        # recomputed from the k and q tiles loaded anyway
+        if RECOMPUTE_A:
+            b_Akq = tl.dot(b_k, b_qt, input_precision=PREC)
+            b_Akq = tl.where(o_i[:, None] <= o_i[None, :], b_Akq * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+        else:
+            p_At, m_At = _tile(A + (bos * H + i_h) * BT, BT, T, 1, H * BT, 0, i_t * BT, BT, BT)
+            b_Akq = tl.load(p_At, mask=m_At, other=0.0)
+        # the per-step decays scale the products' rows (k's, do's) after or before the dot, so that the [BT, K]
+        # and [K, BT] tiles enter their dots as loaded (shared memory holds each once)
         b_dv = tl.dot(b_Akq.to(b_do.dtype), b_do, input_precision=PREC) * scale
-        b_dv += tl.dot(b_kd, b_dh.to(b_kd.dtype), input_precision=PREC)
+        b_kdec = tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)
+        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC) * b_kdec[:, None]
         tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
         b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
         b_dh *= tl.exp(b_Gl)
-        b_dh += tl.dot(b_qt, b_do, input_precision=PREC)
+        b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
         b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
     if STORE_DH0:
         p_dh0, m_dh0 = _tile(dh0 + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
@@ -483,12 +528,6 @@ def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
     return cu, cu_chunks, torch.stack([seq, local], 1).contiguous(), NT
 
 
-def _state_bv(KP: int, BV: int) -> int:
-    # the state kernels hold a [K, BV] fp32 state and [BT, K] tiles at once: narrow V-blocks keep K = 256 within
-    # registers and shared memory
-    return min(BV, 32 if KP >= 256 else 64)
-
-
 # The backward runs its state kernels (h recomputed, then dh, then dqkw) per group of heads, so that h and dh
 # [NT, heads, K, V] exist for one group at a time: groups as small as keep at least this many programs per SM in
 # each state-kernel launch. A launch lasts as long as its longest program (one walks a whole sequence), so every
@@ -511,8 +550,7 @@ class Forward(NamedTuple):
 
 class Dims(NamedTuple):
     """Sizes shared by the launches: tokens TT, heads H, K, V, sequences N, chunk and block sizes, K padded to a
-    power of two, the state kernels' V-block, the chunk tables, and the order in which the state kernels take the
-    sequences."""
+    power of two, the chunk tables, and the order in which the state kernels take the sequences."""
     TT: int
     H: int
     K: int
@@ -522,7 +560,6 @@ class Dims(NamedTuple):
     BK: int
     BV: int
     KP: int
-    BVS: int
     cu: torch.Tensor
     cu_chunks: torch.Tensor
     info: torch.Tensor
@@ -538,7 +575,7 @@ def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, B
     lengths = cu[1:] - cu[:-1]
     order = (lengths.argsort(descending=True, stable=True) if STATE_LONGEST_FIRST
              else torch.arange(lengths.numel(), device=cu.device)).to(torch.int32)
-    return Dims(TT, H, K, V, lengths.numel(), BT, BK, BV, KP, _state_bv(KP, BV), cu, cu_chunks, info, NT, order)
+    return Dims(TT, H, K, V, lengths.numel(), BT, BK, BV, KP, cu, cu_chunks, info, NT, order)
 
 
 def _wy(k, v, beta, g, d: Dims, store_T: bool):
@@ -559,26 +596,26 @@ def _wy(k, v, beta, g, d: Dims, store_T: bool):
 def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> torch.Tensor:
     """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new (and ht)."""
     h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
-    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, d.BVS), d.N * HS)](
+    BV, launch = _state_launch("h", k.dtype, d.KP, d.BV, d.V, d.N * HS, k.device)
+    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, BV), d.N * HS)](
         k, w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT,
-        KP=d.KP, BV=d.BVS, USE_H0=initial_state is not None, STORE_HT=ht is not None, PREC=dot_precision(k),
-        **_launch("h", k.dtype, d.KP),
+        KP=d.KP, BV=BV, USE_H0=initial_state is not None, STORE_HT=ht is not None, PREC=dot_precision(k), **launch,
     )
     return h
 
 
-def _state_heads(d: Dims, device: torch.device) -> int:
-    """Heads per group of the backward's state kernels (a divisor of H; see STATE_GROUP_PROGRAMS_PER_SM)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    programs = d.N * triton.cdiv(d.V, d.BVS)
+def _state_heads(d: Dims, device: torch.device, BV: int) -> int:
+    """Heads per group of the backward's state kernels at V-block BV (a divisor of H; see
+    STATE_GROUP_PROGRAMS_PER_SM)."""
+    programs = d.N * triton.cdiv(d.V, BV)
     return next(hs for hs in range(1, d.H + 1)
-                if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * sms))
+                if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * _sms(device)))
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
                          BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
     """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. `training`: also keep the scores A for
-    the backward."""
+    the backward, unless its dh kernel recomputes them."""
     d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
     G, w, u, _ = _wy(k, v, beta, g, d, store_T=False)
@@ -587,18 +624,20 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     h = _states(k, w, u, G, v_new, initial_state, ht, d, 0, d.H)
     del w, u  # the output kernel reads neither: their memory can go to o and A
     o = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-    A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if training else None
+    store_A = training and not _dh_launch(d, dt, dev)[2]
+    A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if store_A else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(d.V, d.BV), d.NT, d.H)](
         q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
-        PREC=dot_precision(q), STORE_A=training, **_launch("o", dt),
+        PREC=dot_precision(q), STORE_A=store_A, **_launch("o", dt),
     )
     return Forward(o, ht, A)
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
                          BT: int = 64, BK: int = 64, BV: int = 64):
-    """Recompute the forward's intermediates (all but o and the saved scores A); then per head group (see
-    `_state_heads`) the states h, dh through the chunks and the per-chunk gradients of q, k, w; then the WY backward.
+    """Recompute the forward's intermediates (all but o and the saved scores A, None when dh recomputes them); then
+    per head group (see `_state_heads`) the states h, dh through the chunks and the per-chunk gradients of q, k, w;
+    then the WY backward.
 
     Each recomputed intermediate is dropped after its last reader: the peak is at a group's dqkw kernel, which holds
     that group's h and dh."""
@@ -611,17 +650,18 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
     dq = dk = dw = dG = None
-    HS = _state_heads(d, dev)
+    BVS, dh_launch, recompute_A = _dh_launch(d, dt, dev)
+    HS = _state_heads(d, dev, BVS)
     for hb in range(0, d.H, HS):
         last = hb + HS == d.H
         h = _states(k, w, u, G, v_new, initial_state, None, d, hb, HS)
         if last:
             del u  # read by the state kernel only
         dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
-        chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, d.BVS), d.N * HS)](
-            q, k, w, G, A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V,
-            BT=BT, KP=d.KP, BV=d.BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None, PREC=prec,
-            **_launch("dh", dt, d.KP),
+        chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, BVS), d.N * HS)](
+            q, k, w, G, q if A is None else A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb,
+            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
+            RECOMPUTE_A=recompute_A, PREC=prec, **dh_launch,
         )
         if last:
             del w

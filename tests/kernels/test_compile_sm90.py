@@ -30,18 +30,22 @@ INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot", "order"]
 TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32",
          "eps": "fp32"}
 D256 = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64}
-STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256, "BV": 32}
+STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256}
 GLA = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": True, "PREC": "tf32"}
 GLA_PTRS = {"gc": "*fp32", "chunk_offsets": "*i32", "chunk_indices": "*i32"}
 
 CASES = {
     "delta_fwd_wy": (delta.chunk_delta_rule_fwd_kernel_wy,
                      dict(D256, PREC="tf32", PREC_BLOCK="tf32x3", LOG_BT=6, STORE_T=True), 3, {}),
-    "delta_fwd_h": (delta.chunk_delta_rule_fwd_kernel_h, dict(STATE, USE_H0=True, STORE_HT=True, PREC="tf32"), 1,
-                    {}),
+    # the state kernels at K = 256 in every (V-block, stages) they may launch with (STATE_LAUNCH)
+    **{f"delta_fwd_h_{bv}x{st}": (delta.chunk_delta_rule_fwd_kernel_h,
+                                  dict(STATE, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32"), st, {})
+       for bv, st in delta.STATE_LAUNCH["h"][256]},
+    **{f"delta_bwd_dh_{bv}x{st}": (delta.chunk_delta_rule_bwd_kernel_dh,
+                                   dict(STATE, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32",
+                                        RECOMPUTE_A=st > 1 and 256 > delta.DH_RECOMPUTE_ABOVE_K), st, {})
+       for bv, st in delta.STATE_LAUNCH["dh"][256]},
     "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True), 3, {}),
-    "delta_bwd_dh": (delta.chunk_delta_rule_bwd_kernel_dh, dict(STATE, USE_DHT=True, STORE_DH0=True, PREC="tf32"), 1,
-                     {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, PREC="tf32"), 3, {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32"), 3, {}),
     "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4,
@@ -55,8 +59,8 @@ CASES = {
     "conv_bwd_dact": (conv.short_conv_bwd_dact_kernel,
                       {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True,
                        "NORM": False}, 3, {"w": "*fp32", "da": "*bf16"}),
-    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "WP": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 1,
-                                                    "USE_SEG": True}, 3, {"w": "*fp32", "da": "*bf16", "dw": "*fp32"}),
+    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 8,
+                                                    "USE_SEG": True, "num_warps": 1}, 3, {"w": "*fp32", "da": "*bf16", "dw": "*fp32"}),
     # the GLA backward's fp32 states and state gradients, dotted in tf32
     "gla_bwd_h": (gla.chunk_gla_fwd_kernel_h, dict(GLA, USE_G=True, USE_H0=True, STORE_HT=True), 3,
                   {"h": "*fp32", **GLA_PTRS}),
@@ -83,13 +87,19 @@ def compile_all() -> dict[str, str]:
 
     out = {}
     for name, (fn, consts, stages, overrides) in CASES.items():
+        consts = dict(consts)
+        warps = consts.pop("num_warps", 4)
         params = list(inspect.signature(fn.fn).parameters)
         types = {**TYPES, **overrides}
         signature = {p: "constexpr" if p in consts else types.get(p, "i32") for p in params}
-        src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(p),): v for p, v in consts.items()})
+        # pointers 16-byte aligned, as the JIT specialises them for real tensors: that is what lets the pipeliner
+        # stage loads in shared memory, so only then is the shared-memory size the one the GPU sees
+        attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(params) if signature[p].startswith("*")}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(params.index(p),): v for p, v in consts.items()},
+                        attrs=attrs)
         try:
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": 4, "num_stages": stages})
+                                    options={"num_warps": warps, "num_stages": stages})
             ok = bool(kernel.asm.get("cubin")) and kernel.metadata.shared <= SMEM_H100
             out[name] = "ok" if ok else f"no cubin or {kernel.metadata.shared} B of shared memory"
         except Exception as e:  # noqa: BLE001 (reported per kernel)

@@ -107,9 +107,30 @@ def test_chunk_triton_state_head_groups(monkeypatch, heads_per_group):
     q = inputs[0]
     d = chunk_mod._dims(q.reshape(1, B * T, H, K), inputs[2].reshape(1, B * T, H, V),
                         torch.tensor([0, T, 2 * T]), 64, 16, 16)
-    assert chunk_mod._state_heads(d, q.device) == heads_per_group
+    assert chunk_mod._state_heads(d, q.device, 16) == heads_per_group
     ref = run(naive_recurrent_delta_rule, inputs)
     compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_chunk_triton_dh_recomputes_scores(monkeypatch, gated):
+    """The dh kernel in two stages above DH_RECOMPUTE_ABOVE_K recomputes the forward's q.k scores from its own tiles
+    (the H100 path at head dim 256), and the forward then keeps none: every gradient still matches the definition."""
+    monkeypatch.setattr(chunk_mod, "DH_RECOMPUTE_ABOVE_K", 0)
+    monkeypatch.setitem(chunk_mod.LAUNCH, "dh", (4, 2))  # two stages even for fp32 inputs
+    kept = []
+    fwd = chunk_mod.chunk_delta_rule_fwd
+
+    def spy(*args, **kw):
+        out = fwd(*args, **kw)
+        kept.append(out.A)
+        return out
+
+    monkeypatch.setattr(chunk_mod, "chunk_delta_rule_fwd", spy)
+    inputs = make_inputs(2, 70, 2, 32, 16, gated)
+    ref = run(naive_recurrent_delta_rule, inputs)
+    compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
+    assert kept == [None]
 
 
 FUSED_CASES = [((2, 1, 2, 32, 32), False), ((1, 63, 2, 16, 32), False), ((1, 63, 2, 16, 32), True),
@@ -309,7 +330,8 @@ def test_gpu_chunk_bf16_state_head_groups(monkeypatch):
     cu[5] = cu[4]  # an empty segment
     inputs = make_inputs(1, 8192, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda", N=40)
     d = chunk_mod._dims(inputs[1], inputs[2], cu, 64, 64, 64)
-    assert chunk_mod._state_heads(d, torch.device("cuda")) == 1
+    bv = chunk_mod._dh_launch(d, torch.bfloat16, torch.device("cuda"))[0]
+    assert chunk_mod._state_heads(d, torch.device("cuda"), bv) == 1
     ref = _gpu_reference(inputs, cu_seqlens=cu, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
     errs = {n: rel(got[n], ref[n]) for n in ref}

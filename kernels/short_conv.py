@@ -36,9 +36,9 @@ from linear_moe.kernels.norms import torch_l2norm
 # 0.60 ms over MoM's packed [1, 98304, 3072], 0.41 and 1.08 ms before on an H100), then on an H100 (2026-11-26). dx
 # runs one warp over 8-row steps of 256 channels: dw's per-tap column sums then stay within the warp (no shared-memory
 # round trips), and the backward fell from 2.94 to 1.67 ms over the packed [1, 98304, 3072] and from 0.96 to 0.52 ms
-# on GDN's view (4 warps over [32, 128] tiles before; two warps over [16, 256]: 2.04 and 0.66 ms). With the L2 norm ("fwd_norm", "dact_norm") a tile spans the
-# whole unit and BC is unused; 8-row steps took the packed [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward
-# 1.11-1.15 ms in every launch tried).
+# on GDN's view (4 warps over [32, 128] tiles before; two warps over [16, 256]: 2.04 and 0.66 ms). With the L2 norm
+# ("fwd_norm", "dact_norm") a tile spans the whole unit and BC is unused; 8-row steps took the packed
+# [1, 98304, 4, 256] forward from 0.25 to 0.19 ms (backward 1.11-1.15 ms in every launch tried).
 # da = dy * act'(pre) in fp32, or (default) rounded to x's dtype like dy itself: a quarter less memory traffic in the
 # backward, 0.23-0.26 ms less at [16, 2048, 3072] and the packed [1, 98304, 3072] (H100, 2026-11-26)
 DA_FP32 = False

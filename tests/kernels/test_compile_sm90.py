@@ -59,8 +59,9 @@ CASES = {
     "conv_bwd_dact": (conv.short_conv_bwd_dact_kernel,
                       {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4, "USE_SEG": True, "ACT": True,
                        "NORM": False}, 3, {"w": "*fp32", "da": "*bf16"}),
-    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel, {"D": 512, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 8,
-                                                    "USE_SEG": True, "num_warps": 1}, 3, {"w": "*fp32", "da": "*bf16", "dw": "*fp32"}),
+    "conv_bwd_dx": (conv.short_conv_bwd_dx_kernel,
+                    {"D": 512, "W": 4, "A": 8, "BT": 8, "BC": 256, "STEPS": 8, "USE_SEG": True, "num_warps": 1}, 3,
+                    {"w": "*fp32", "da": "*bf16", "dw": "*fp32"}),
     # the GLA backward's fp32 states and state gradients, dotted in tf32
     "gla_bwd_h": (gla.chunk_gla_fwd_kernel_h, dict(GLA, USE_G=True, USE_H0=True, STORE_HT=True), 3,
                   {"h": "*fp32", **GLA_PTRS}),

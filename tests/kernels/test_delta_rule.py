@@ -112,6 +112,24 @@ def test_chunk_triton_state_head_groups(monkeypatch, heads_per_group):
     compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
 
 
+@pytest.mark.parametrize("rows,dtype,h,dh,recompute", [
+    (64, torch.bfloat16, (64, 2), (32, 1), False),   # B16 x H4: programs for every SM at the widest options
+    (16, torch.bfloat16, (32, 2), (32, 2), True),    # B4 x H4: too few programs, the fallbacks (dh recomputes)
+    (16, torch.float32, (32, 1), (32, 1), False),    # fp32 tiles: one stage, so dh reads the scores
+])
+def test_state_launch_rule(monkeypatch, rows, dtype, h, dh, recompute):
+    """The state kernels' (V-block, stages) at K = V = 256 on a 132-SM card: the first STATE_LAUNCH option that gives
+    every SM a program, else the last; dh recomputes the forward's scores exactly when it runs in two stages."""
+    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    dev = torch.device("cpu")
+    got_h = chunk_mod._state_launch("h", dtype, 256, 64, 256, rows, dev)
+    assert (got_h[0], got_h[1]["num_stages"]) == h
+    d = chunk_mod._dims(torch.zeros(1, 64, rows // 4, 256), torch.zeros(1, 64, rows // 4, 256),
+                        torch.arange(5) * 16, 64, 64, 64)
+    bv, launch, recomputes = chunk_mod._dh_launch(d, dtype, dev)
+    assert (bv, launch["num_stages"], recomputes) == (*dh, recompute)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_chunk_triton_dh_recomputes_scores(monkeypatch, gated):
     """The dh kernel in two stages above DH_RECOMPUTE_ABOVE_K recomputes the forward's q.k scores from its own tiles

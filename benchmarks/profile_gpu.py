@@ -161,6 +161,7 @@ def conv() -> list[dict]:
     with each head L2-normalised in the conv (the "norm-*" variants). GB/s counts x read and y written
     (fwd), x and dy read and dx written (bwd)."""
     from linear_moe.kernels import short_conv as mod
+    from linear_moe.kernels.norms import L2NORM_EPS
 
     variants = {
         "default": {},
@@ -199,7 +200,7 @@ def conv() -> list[dict]:
     for shape, (make, cu_seqlens) in shapes.items():
         x = make().detach().requires_grad_()
         C = x.shape[2] * (x.shape[3] if x.dim() == 4 else 1)
-        eps = 1e-6 if "norm" in shape else None
+        eps = L2NORM_EPS if "norm" in shape else None
         w = (torch.randn(C, 4, device="cuda") * 0.5).bfloat16().requires_grad_()
         dy = torch.randn(x.shape[0], x.shape[1], C, device="cuda", dtype=torch.bfloat16)
         n = dy.numel() * dy.element_size()

@@ -26,11 +26,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tests set this to poison every torch.empty buffer with NaN, so an unwritten element cannot pass unnoticed
 DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 
+L2NORM_EPS = 1e-6
+"""The L2 norm's default eps (added to the sum of squares), also used where the norm is fused into the conv."""
+
 # Launch settings. tile: elements of one [BM, BD] tile (rows per tile BM = max(1, tile // BD)); warps: num_warps;
 # bwd_programs_per_sm: programs per SM in the gated backward (each loops over row tiles, so the weight-gradient
 # partial buffer stays small); sms_cpu: SM count assumed on CPU (interpreter). Tests shrink these to force loops.
-L2NORM_EPS = 1e-6
-"""The L2 norm's default eps (added to the sum of squares), also used where the norm is fused into the conv."""
 LAUNCH: dict[str, int] = {"tile": 2048, "warps": 4, "bwd_programs_per_sm": 8, "sms_cpu": 1}
 
 MAX_D = 1024

@@ -1,7 +1,8 @@
 """The Triton short conv (under the interpreter on CPU) equals the per-segment F.conv1d definition: output, dx and dw,
 for dense rows, packed segments (zero-length ones too, segments shorter than the kernel) and strided [B, T, U, D] views
-read in place, with and without the fused per-unit L2 norm, under the default launch and under small ones whose token steps and channel tiles cut across segments,
-units and T; the module's torch path (one conv plus segment-start fix-up) equals it too."""
+read in place, with and without the fused per-unit L2 norm, under the default launch and under small ones whose token
+steps and channel tiles cut across segments, units and T; the module's torch path (one conv plus segment-start fix-up)
+equals it too."""
 from __future__ import annotations
 
 import pytest
@@ -56,8 +57,9 @@ def test_triton_equals_definition(case, view, act, norm, dtype, tol):
 
 
 # (BT, BC, warps, steps) per kernel: "tiny" has 4-row steps, 3 steps a program and 16-channel tiles (two per 24-wide
-# unit, the second half masked), so a step spans several segments and a program ends mid-T; "wide" has 64-channel
-# tiles wider than a unit and one step a program
+# unit, the second half masked), so a step spans several segments and a program ends mid-T; "wide" asks for
+# 64-channel tiles, which the launch clamps to the unit's power of two (32, still wider than the 24-wide unit), and
+# one step a program
 LAUNCHES = {"tiny": {"fwd": (4, 16, 1, 3), "dact": (4, 16, 1, 3), "dx": (4, 16, 1, 2), "fwd_norm": (4, 0, 1, 3),
                      "dact_norm": (2, 0, 1, 3)},
             "wide": {"fwd": (8, 64, 2, 1), "dact": (16, 64, 2, 1), "dx": (8, 64, 2, 1), "fwd_norm": (16, 0, 2, 1),

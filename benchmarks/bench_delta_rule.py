@@ -1,7 +1,8 @@
 """Benchmark the chunked delta rule (gated and plain) against fla 0.6.0 and SDPA flash attention, bf16, one GPU.
 
 Run: python benchmarks/bench_delta_rule.py   (optional: SHAPES=16x2048x4x256,... ; FLA_SHAPES=... the shapes fla runs
-at, default SHAPES, empty: none, as its autotuning takes minutes; JSON rows go to $OUT when set)
+at, default SHAPES, empty: none, as its autotuning takes minutes; fla_cache.py: reuse its autotuned configs; JSON
+rows go to $OUT when set)
 TFLOP/s is a model count: forward 2 * (3 K V + BT (3 K + 2 V)) per token and head (BT = 64), fwd+bwd 3x that;
 SDPA causal: 2 T^2 D per head forward, 3.5x that for fwd+bwd.
 """
@@ -9,6 +10,7 @@ import json
 import os
 import subprocess
 
+import fla_cache
 import torch
 import torch.nn.functional as F
 import triton
@@ -48,9 +50,10 @@ def measure(run_fwd, leaves):
 
 
 def main():
+    fla_cache.dump_on_exit()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
-          "| commit", commit or "unknown", flush=True)
+          "| commit", commit or "unknown", "|", fla_cache.describe(), flush=True)
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.delta_rule import chunk_delta_rule as fla_delta

@@ -6,7 +6,8 @@
 
 Prints the card, torch, triton and commit first, one table last; writes $OUT/bench_gla.json when OUT is set.
 TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
-fla's kernels autotune on their first call (several minutes for all shapes): give the run 10 minutes.
+fla's kernels autotune on their first call (several minutes for all shapes): give the run 10 minutes, or reuse
+configs that earlier runs tuned (fla_cache.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import subprocess
 import traceback
 
+import fla_cache
 import torch
 import torch.nn.functional as F
 import triton
@@ -38,7 +40,7 @@ def header() -> None:
     try:
         import fla
 
-        print(f"fla: {getattr(fla, '__version__', '?')}")
+        print(f"fla: {getattr(fla, '__version__', '?')}, {fla_cache.describe()}")
     except Exception as e:  # noqa: BLE001
         print(f"fla: n/a ({type(e).__name__}: {e})")
 
@@ -78,6 +80,7 @@ def measure(fwd, inputs):
 
 
 def main() -> None:
+    fla_cache.dump_on_exit()
     header()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU; nothing measured")

@@ -1,0 +1,96 @@
+"""fla's autotuned choices, saved and reused: its kernels then skip minutes of autotuning in the next process.
+
+fla 0.6.0 autotunes every kernel on its first call per shape key (minutes per shape on one CPU core), longer than a
+device call allows for all shapes in one run. Its `CachedAutotuner` reads best configs from JSON files in
+$FLA_CONFIG_DIR when FLA_CACHE_MODE is set ('strict': exact key only). This module writes those files from the
+choices fla's own autotuner made in this process, so processes that autotune side by side (timings discarded) leave
+configs for one process that then times fla and our kernels one after the other, without autotuning.
+
+    FLA_DUMP_DIR=dir python benchmarks/bench_delta_rule.py   # the bench calls dump_on_exit() first
+    python benchmarks/fla_cache.py merge OUT_DIR DIR...      # one config dir from several
+"""
+from __future__ import annotations
+
+import atexit
+import gc
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _collect(items) -> dict[str, dict[str, dict]]:
+    """{kernel name: {key hash: entry}} from (name, hash, entry) items. Kernels of one name in different modules can
+    share a key with different configs; such keys are dropped (fla autotunes them again), not guessed."""
+    out: dict[str, dict[str, dict]] = {}
+    clash: set[tuple[str, str]] = set()
+    for name, h, entry in items:
+        have = out.setdefault(name, {}).get(h)
+        if have is not None and have["config"] != entry["config"]:
+            clash.add((name, h))
+        out[name][h] = entry
+    for name, h in clash:
+        del out[name][h]
+    return out
+
+
+def _tuned():
+    """(kernel name, key hash, entry) of every key that an fla autotuner in this process has tuned."""
+    from fla.ops.utils.cache import AutotuneKey, CachedAutotuner
+
+    for tuner in (o for o in gc.get_objects() if isinstance(o, CachedAutotuner)):
+        for key, cfg in tuner.cache.items():
+            yield tuner.kernel_name, AutotuneKey.key_hash(key), {
+                "autotune_key": AutotuneKey.normalize_autotune_key(list(key)),
+                "config": {"kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                           "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg}}
+
+
+def _write(entries: dict[str, dict[str, dict]], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, by_key in entries.items():
+        tmp = out_dir / f".{name}.json.tmp"
+        tmp.write_text(json.dumps({"kernel_name": name, "autotune_entries": by_key}, indent=1))
+        tmp.replace(out_dir / f"{name}.json")
+
+
+def describe() -> str:
+    """Where fla's configs come from in this process, for the benchmark's header."""
+    mode = os.environ.get("FLA_CACHE_MODE", "disabled")
+    if mode == "disabled":
+        return "fla configs: its own autotuning"
+    return f"fla configs: {os.environ.get('FLA_CONFIG_DIR', 'fla/configs')} ({mode}; keys not there autotune)"
+
+
+def dump_on_exit() -> None:
+    """With $FLA_DUMP_DIR set, write this process's autotuned fla configs there when it exits, also when a time
+    limit stops it (SIGTERM): what was tuned by then is kept."""
+    target = os.environ.get("FLA_DUMP_DIR")
+    if not target:
+        return
+    atexit.register(_dump, target)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+def _dump(target: str) -> None:
+    if "fla" not in sys.modules:
+        return
+    entries = _collect(_tuned())
+    _write(entries, Path(target))
+    print(f"fla configs: {sum(map(len, entries.values()))} keys of {len(entries)} kernels -> {target}", flush=True)
+
+
+def merge(out_dir: str, *dirs: str) -> None:
+    """One config dir from several (keys tuned differently in two dirs are dropped)."""
+    items = ((data["kernel_name"], h, entry) for d in dirs for f in Path(d).glob("*.json")
+             for data in [json.loads(f.read_text())] for h, entry in data["autotune_entries"].items())
+    merged = _collect(items)
+    _write(merged, Path(out_dir))
+    print(f"merged {sum(map(len, merged.values()))} keys of {len(merged)} kernels into {out_dir}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "merge":
+        sys.exit("usage: python benchmarks/fla_cache.py merge OUT_DIR DIR [DIR...]")
+    merge(sys.argv[2], *sys.argv[3:])

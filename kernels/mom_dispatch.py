@@ -1,17 +1,24 @@
-"""MoM's dispatch in Triton: the in_proj output of every token, split and copied into the packed memory slots.
+"""MoM's projection and dispatch: hidden states into the packed memory slots, projecting only what each token uses.
 
-One projection unit per head (H heads) is laid out as
+Per head, a token's projection has a dense part that every token needs and a routed part per memory:
 
-    q K, [gate V], then for each memory m = 0..M_tot-1: k K, v V, a 1, [beta 1]
+    dense   xd: q K, [gate V], [the shared memory's k K, v V, a 1, beta 1]        UD columns per head
+    routed  yr: k K, v V, a 1, [beta 1] of one routed memory                     DM columns per head
 
-and slot s = slot_of[n, j] of token n's j-th memory m = memories[n, j] gets
+`project` computes xd with one GEMM over all tokens and the routed rows with ONE grouped GEMM over the N * k routed
+(token, memory) pairs only, sorted by memory (torch's grouped GEMM: offsets on the device, no host sync, no padding).
+That is k / M of the routed FLOPs of projecting every token for every memory. The gathered hidden rows are not kept
+for the backward: it gathers them again. Where the grouped GEMM would need a host sync (CUDA dtypes other than bf16,
+GPUs other than sm90 / sm100, torch < 2.10) every token is projected for every memory instead (rows n * M + m), the
+same dispatch reading the rows it needs.
 
-    q[s] = q of token n,  k[s], v[s] = those of memory m,  a[s], beta[s] = the gate inputs of memory m   (every head)
+`dispatch` then copies the pieces into the packed slots: slot s = slot_of[n, j] of token n's j-th memory gets
 
-One program per (token, head) reads the token's q once and writes its k' slots; the gate is copied per token. The
-backward writes the whole input gradient in one pass, every element exactly once (no zero fill, no atomics): the sum
-of the token's k' slot gradients for q, the gate's gradient, and per memory block the gradient of the slot routed to
-that memory, or zeros when the token has none. `naive_dispatch` is the definition (torch index ops) and the CPU path.
+    q[s] = q of token n,  k[s], v[s], a[s], beta[s] = that memory's (routed: row row_of[n, j] of yr; shared: xd's)
+
+One program per (token, head) reads the token's q once and writes its k' slots; the gate is copied per token. Its
+backward writes each input gradient element once (no zero fill of xd's gradient, no atomics): q's gradient is the sum
+of the token's k' slot gradients. `naive_dispatch` is the definition (torch index ops) and the CPU path.
 """
 from __future__ import annotations
 
@@ -19,9 +26,11 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.mom_combine import combine
 
 
 class DispatchedTokens(NamedTuple):
@@ -42,24 +51,28 @@ class DispatchedTokens(NamedTuple):
 
 
 @triton.jit
-def dispatch_fwd_kernel(x, slot, mem, gate, q, k, v, a, beta, H, UNIT,
-                        K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KP: tl.constexpr,
-                        HAS_BETA: tl.constexpr, BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr):
+def dispatch_fwd_kernel(xd, yr, slot, row, gate, q, k, v, a, beta, H, UD, YS,
+                        K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KR: tl.constexpr,
+                        SHARED: tl.constexpr, HAS_BETA: tl.constexpr,
+                        BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    row = x + (n * H + h) * UNIT
+    dense = xd + (n * H + h) * UD
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    b_q = tl.load(row + o_k, mask=m_k)
+    b_q = tl.load(dense + o_k, mask=m_k)
     if G > 0:
         o_g = tl.arange(0, BG)
         m_g = o_g < G
-        tl.store(gate + (n * H + h) * G + o_g, tl.load(row + K + o_g, mask=m_g), mask=m_g)
+        tl.store(gate + (n * H + h) * G + o_g, tl.load(dense + K + o_g, mask=m_g), mask=m_g)
     o_v = tl.arange(0, BV)
     m_v = o_v < V
-    for j in tl.static_range(KP):
-        s = tl.load(slot + n * KP + j).to(tl.int64)
-        src = row + K + G + tl.load(mem + n * KP + j).to(tl.int64) * DM
+    for j in tl.static_range(KR + SHARED):
+        s = tl.load(slot + n * (KR + SHARED) + j).to(tl.int64)
+        if j < KR:
+            src = yr + tl.load(row + n * KR + j).to(tl.int64) * YS + h * DM
+        else:
+            src = dense + K + G
         tl.store(q + (s * H + h) * K + o_k, b_q, mask=m_k)
         tl.store(k + (s * H + h) * K + o_k, tl.load(src + o_k, mask=m_k), mask=m_k)
         tl.store(v + (s * H + h) * V + o_v, tl.load(src + K + o_v, mask=m_v), mask=m_v)
@@ -69,61 +82,55 @@ def dispatch_fwd_kernel(x, slot, mem, gate, q, k, v, a, beta, H, UNIT,
 
 
 @triton.jit
-def dispatch_bwd_kernel(slot, mem, dgate, dq, dk, dv, da, dbeta, dx, H, UNIT, MT,
-                        K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KP: tl.constexpr,
-                        HAS_BETA: tl.constexpr, HAS_DG: tl.constexpr, HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr,
-                        HAS_DV: tl.constexpr, HAS_DA: tl.constexpr, HAS_DB: tl.constexpr,
-                        BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr, BKP: tl.constexpr):
-    """Each (token, head) row of dx written once; a gradient that did not arrive (HAS_* False) reads as zeros."""
+def dispatch_bwd_kernel(slot, row, dgate, dq, dk, dv, da, dbeta, dxd, dyr, H, UD, YS,
+                        K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, DM: tl.constexpr, KR: tl.constexpr,
+                        SHARED: tl.constexpr, HAS_BETA: tl.constexpr, HAS_DG: tl.constexpr, HAS_DQ: tl.constexpr,
+                        HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DA: tl.constexpr, HAS_DB: tl.constexpr,
+                        BK: tl.constexpr, BG: tl.constexpr, BV: tl.constexpr):
+    """Each (token, head) row of dxd and each routed row of dyr written once; a gradient that did not arrive (HAS_*
+    False) reads as zeros."""
     n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    row = dx + (n * H + h) * UNIT
+    dense = dxd + (n * H + h) * UD
     o_k = tl.arange(0, BK)
     m_k = o_k < K
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
     acc = tl.zeros([BK], dtype=tl.float32)
-    if HAS_DQ:
-        for j in tl.static_range(KP):
-            s = tl.load(slot + n * KP + j).to(tl.int64)
+    for j in tl.static_range(KR + SHARED):
+        s = tl.load(slot + n * (KR + SHARED) + j).to(tl.int64)
+        if HAS_DQ:
             acc += tl.load(dq + (s * H + h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    tl.store(row + o_k, acc.to(dx.dtype.element_ty), mask=m_k)
+        if j < KR:
+            dst = dyr + tl.load(row + n * KR + j).to(tl.int64) * YS + h * DM
+        else:
+            dst = dense + K + G
+        # copies pass through fp32 exactly
+        b_k = tl.zeros([BK], dtype=tl.float32)
+        if HAS_DK:
+            b_k = tl.load(dk + (s * H + h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        tl.store(dst + o_k, b_k.to(dxd.dtype.element_ty), mask=m_k)
+        b_v = tl.zeros([BV], dtype=tl.float32)
+        if HAS_DV:
+            b_v = tl.load(dv + (s * H + h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        tl.store(dst + K + o_v, b_v.to(dxd.dtype.element_ty), mask=m_v)
+        b_a = tl.zeros([], dtype=tl.float32)
+        if HAS_DA:
+            b_a = tl.load(da + s * H + h).to(tl.float32)
+        tl.store(dst + K + V, b_a.to(dxd.dtype.element_ty))
+        if HAS_BETA:
+            b_b = tl.zeros([], dtype=tl.float32)
+            if HAS_DB:
+                b_b = tl.load(dbeta + s * H + h).to(tl.float32)
+            tl.store(dst + K + V + 1, b_b.to(dxd.dtype.element_ty))
+    tl.store(dense + o_k, acc.to(dxd.dtype.element_ty), mask=m_k)
     if G > 0:
         o_g = tl.arange(0, BG)
         m_g = o_g < G
         b_g = tl.zeros([BG], dtype=tl.float32)
         if HAS_DG:
             b_g = tl.load(dgate + (n * H + h) * G + o_g, mask=m_g, other=0.0).to(tl.float32)
-        tl.store(row + K + o_g, b_g.to(dx.dtype.element_ty), mask=m_g)
-    o_j = tl.arange(0, BKP)
-    m_j = o_j < KP
-    slots = tl.load(slot + n * KP + o_j, mask=m_j, other=-1).to(tl.int64)
-    mems = tl.load(mem + n * KP + o_j, mask=m_j, other=-1).to(tl.int64)
-    o_v = tl.arange(0, BV)
-    m_v = o_v < V
-    for m in range(MT):
-        # the slot of memory m (a token's memories are distinct), or -1: chosen first, so each address is stored once
-        sel = tl.max(tl.where(mems == m, slots, -1), 0)
-        hit = sel >= 0
-        s = tl.maximum(sel, 0)
-        dst = row + K + G + m * DM
-        # copies pass through fp32 exactly; columns to read: all with a slot, none without (one compare, not
-        # m_k & hit: the interpreter makes that mask an integer)
-        b_k = tl.zeros([BK], dtype=tl.float32)
-        if HAS_DK:
-            b_k = tl.load(dk + (s * H + h) * K + o_k, mask=o_k < tl.where(hit, K, 0), other=0.0).to(tl.float32)
-        tl.store(dst + o_k, b_k.to(dx.dtype.element_ty), mask=m_k)
-        b_v = tl.zeros([BV], dtype=tl.float32)
-        if HAS_DV:
-            b_v = tl.load(dv + (s * H + h) * V + o_v, mask=o_v < tl.where(hit, V, 0), other=0.0).to(tl.float32)
-        tl.store(dst + K + o_v, b_v.to(dx.dtype.element_ty), mask=m_v)
-        b_a = tl.zeros([], dtype=tl.float32)
-        if HAS_DA:
-            b_a = tl.load(da + s * H + h, mask=hit, other=0.0).to(tl.float32)
-        tl.store(dst + K + V, b_a.to(dx.dtype.element_ty))
-        if HAS_BETA:
-            b_b = tl.zeros([], dtype=tl.float32)
-            if HAS_DB:
-                b_b = tl.load(dbeta + s * H + h, mask=hit, other=0.0).to(tl.float32)
-            tl.store(dst + K + V + 1, b_b.to(dx.dtype.element_ty))
+        tl.store(dense + K + o_g, b_g.to(dxd.dtype.element_ty), mask=m_g)
 
 
 def _blocks(K: int, V: int, G: int) -> dict[str, int]:
@@ -133,74 +140,158 @@ def _blocks(K: int, V: int, G: int) -> dict[str, int]:
 
 class DispatchFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, slot_of, memories, H, K, V, G, MT, has_beta):
+    def forward(ctx, xd, yr, slot_of, row_of, H, K, V, G, has_beta):
         N, KP = slot_of.shape
+        KR = row_of.shape[1]
         S = N * KP
-        x, slot_of, memories = x.contiguous(), slot_of.contiguous(), memories.contiguous()
-        unit = x.numel() // (N * H)
-        new = functools.partial(torch.empty, dtype=x.dtype, device=x.device)
+        yr_shape = yr.shape
+        xd, slot_of, row_of = xd.contiguous(), slot_of.contiguous(), row_of.contiguous()
+        yr = yr.flatten(1).contiguous()
+        DM = K + V + 1 + has_beta
+        new = functools.partial(torch.empty, dtype=xd.dtype, device=xd.device)
         gate = new(N, H, G) if G else None
         q, k, v, a = new(S, H, K), new(S, H, K), new(S, H, V), new(S, H)
         beta = new(S, H) if has_beta else None
         # absent outputs get a stand-in pointer that the kernel never touches
-        dispatch_fwd_kernel[(N, H)](x, slot_of, memories, x if gate is None else gate, q, k, v, a,
-                                    x if beta is None else beta, H, unit, K=K, V=V, G=G, DM=K + V + 1 + has_beta,
-                                    KP=KP, HAS_BETA=has_beta, **_blocks(K, V, G))
-        ctx.save_for_backward(slot_of, memories)
-        ctx.dims = (x.shape, x.dtype, H, K, V, G, MT, has_beta)
+        dispatch_fwd_kernel[(N, H)](xd, yr, slot_of, row_of, xd if gate is None else gate, q, k, v, a,
+                                    xd if beta is None else beta, H, xd.numel() // (N * H), yr.shape[1], K=K, V=V,
+                                    G=G, DM=DM,
+                                    KR=KR, SHARED=KP - KR, HAS_BETA=has_beta, **_blocks(K, V, G))
+        ctx.save_for_backward(slot_of, row_of)
+        ctx.dims = (xd.shape, yr_shape, xd.dtype, H, K, V, G, has_beta)
         # unused outputs (beta of a layer without it, ...) give None, read as zeros by the kernel: no zero tensors
         ctx.set_materialize_grads(False)
         return gate, q, k, v, a, beta
 
     @staticmethod
     def backward(ctx, dgate, dq, dk, dv, da, dbeta):
-        slot_of, memories = ctx.saved_tensors
-        shape, dtype, H, K, V, G, MT, has_beta = ctx.dims
+        slot_of, row_of = ctx.saved_tensors
+        xd_shape, yr_shape, dtype, H, K, V, G, has_beta = ctx.dims
         N, KP = slot_of.shape
-        # the kernel writes every element of dx
-        dx = torch.empty(shape, dtype=dtype, device=slot_of.device)
+        KR = row_of.shape[1]
+        # the kernel writes every element of dxd and the routed rows of dyr; the rest of dyr must be zero: rows that no
+        # slot reads (when every token was projected for every memory) and the columns that pad a row
+        dxd = torch.empty(xd_shape, dtype=dtype, device=slot_of.device)
+        R, YS = yr_shape[0], yr_shape[1:].numel()
+        DM = K + V + 1 + has_beta
+        if R > N * KR:
+            dyr = torch.zeros(R, YS, dtype=dtype, device=slot_of.device)
+        else:
+            dyr = torch.empty(R, YS, dtype=dtype, device=slot_of.device)
+            dyr[:, H * DM:] = 0
         grads = [dgate, dq, dk, dv, da, dbeta]
-        dispatch_bwd_kernel[(N, H)](slot_of, memories, *(dx if t is None else t.contiguous() for t in grads), dx, H,
-                                    dx.numel() // (N * H), MT, K=K, V=V, G=G, DM=K + V + 1 + has_beta, KP=KP,
-                                    HAS_BETA=has_beta, HAS_DG=dgate is not None, HAS_DQ=dq is not None,
-                                    HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DA=da is not None,
-                                    HAS_DB=dbeta is not None,
-                                    BKP=triton.next_power_of_2(KP), **_blocks(K, V, G))
-        return dx, None, None, None, None, None, None, None, None
+        dispatch_bwd_kernel[(N, H)](slot_of, row_of, *(dxd if t is None else t.contiguous() for t in grads), dxd,
+                                    dyr, H, dxd.numel() // (N * H), YS, K=K, V=V, G=G, DM=DM, KR=KR,
+                                    SHARED=KP - KR, HAS_BETA=has_beta, HAS_DG=dgate is not None,
+                                    HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
+                                    HAS_DA=da is not None, HAS_DB=dbeta is not None, **_blocks(K, V, G))
+        return dxd, dyr.view(yr_shape), None, None, None, None, None, None, None
 
 
-def naive_dispatch(x: torch.Tensor, slot_of: torch.Tensor, memories: torch.Tensor, *, heads: int, k_dim: int,
-                   v_dim: int, num_memories: int, has_gate: bool, has_beta: bool) -> DispatchedTokens:
-    """The definition: split the units, gather each slot's token and (token, memory) rows by torch indexing."""
+def naive_dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, row_of: torch.Tensor, *, heads: int,
+                   k_dim: int, v_dim: int, has_gate: bool, has_beta: bool) -> DispatchedTokens:
+    """The definition: each slot's (token, memory) rows gathered by torch indexing."""
     N, kp = slot_of.shape
     K, V, G = k_dim, v_dim, v_dim if has_gate else 0
     dm = K + V + 1 + int(has_beta)
-    q, gate, mem = x.reshape(N, heads, -1).split([K, G, num_memories * dm], dim=-1)
+    q, gate, shared = xd.reshape(N, heads, -1).split([K, G, dm * (kp - row_of.shape[1])], dim=-1)
+    # [N, k', H, dm]: the routed memories' rows, then the shared memory's
+    mem = yr.flatten(1)[:, :heads * dm].reshape(-1, heads, dm)[row_of]
+    if kp > row_of.shape[1]:
+        mem = torch.cat([mem, shared[:, None]], dim=1)
     # the (token, j) pair of each slot
     pair = slot_of.reshape(-1).argsort()
-    tok = pair // kp
-    rows = mem.reshape(N, heads, num_memories, dm)[tok, :, memories.reshape(-1)[pair]]  # [S, H, dm]
-    return DispatchedTokens(gate.contiguous() if G else None, q.index_select(0, tok), rows[..., :K].contiguous(),
-                            rows[..., K:K + V].contiguous(), rows[..., K + V].contiguous(),
+    rows = mem.reshape(N * kp, heads, dm)[pair]  # [S, H, dm]
+    return DispatchedTokens(gate.contiguous() if G else None, q.index_select(0, pair // kp),
+                            rows[..., :K].contiguous(), rows[..., K:K + V].contiguous(), rows[..., K + V].contiguous(),
                             rows[..., K + V + 1].contiguous() if has_beta else None)
 
 
-def dispatch(x: torch.Tensor, slot_of: torch.Tensor, memories: torch.Tensor, *, heads: int, k_dim: int, v_dim: int,
-             num_memories: int, has_gate: bool, has_beta: bool, backend: str | None = None) -> DispatchedTokens:
-    """x [N, H * unit] or [N, H, unit] in_proj output (unit: q K, [gate V], per memory m < num_memories: k K, v V,
-    a 1, [beta 1]); slot_of [N, k'] the packed slot of token n's j-th memory (a permutation of the S = N * k' slots);
-    memories [N, k'] that memory's index (distinct per token, < num_memories; the shared memory included)
-    -> DispatchedTokens(gate [N, H, V] | None, q [S, H, K], k [S, H, K], v [S, H, V], a [S, H], beta [S, H] | None).
+def dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, row_of: torch.Tensor, *, heads: int,
+             k_dim: int, v_dim: int, has_gate: bool, has_beta: bool, backend: str | None = None) -> DispatchedTokens:
+    """xd [N, H * UD] or [N, H, UD] dense projections (q K, [gate V], then the shared memory's k K, v V, a 1, [beta 1]
+    when there is one), yr [R, H * DM] routed rows (k K, v V, a 1, [beta 1]; 2-D rows may end in padding); slot_of [N, k'] the packed slot of token
+    n's j-th memory (a permutation of the S = N * k' slots; with a shared memory its column is the last); row_of
+    [N, k] the yr row of token n's j-th routed memory -> DispatchedTokens(gate [N, H, V] | None, q [S, H, K],
+    k [S, H, K], v [S, H, V], a [S, H], beta [S, H] | None).
     """
+    K, V, G = k_dim, v_dim, v_dim if has_gate else 0
+    dm = K + V + 1 + int(has_beta)
     N = slot_of.shape[0] if slot_of.dim() == 2 else -1
-    unit = k_dim + (v_dim if has_gate else 0) + num_memories * (k_dim + v_dim + 1 + int(has_beta))
-    if (slot_of.dim() != 2 or memories.shape != slot_of.shape or x.dim() not in (2, 3) or x.shape[0] != N
-            or tuple(x.shape[1:]) not in ((heads * unit,), (heads, unit))):
-        raise ValueError(f"dispatch takes x [N, H * unit] with H={heads}, unit={unit} (K={k_dim}, V={v_dim}, "
-                         f"{num_memories} memories, gate={has_gate}, beta={has_beta}), slot_of and memories [N, k'], "
-                         f"got {tuple(x.shape)}, {tuple(slot_of.shape)}, {tuple(memories.shape)}")
-    if use_triton(x, backend):
-        return DispatchedTokens(*DispatchFunction.apply(x, slot_of, memories, heads, k_dim, v_dim,
-                                                        v_dim if has_gate else 0, num_memories, has_beta))
-    return naive_dispatch(x, slot_of, memories, heads=heads, k_dim=k_dim, v_dim=v_dim, num_memories=num_memories,
-                          has_gate=has_gate, has_beta=has_beta)
+    shared = slot_of.shape[-1] - row_of.shape[-1]
+    ud = K + G + shared * dm
+    if (slot_of.dim() != 2 or row_of.dim() != 2 or row_of.shape[0] != N or shared not in (0, 1)
+            or xd.dim() not in (2, 3) or xd.shape[0] != N or tuple(xd.shape[1:]) not in ((heads * ud,), (heads, ud))
+            or not (yr.dim() == 2 and yr.shape[1] >= heads * dm or yr.dim() == 3 and yr.shape[1:] == (heads, dm))):
+        raise ValueError(f"dispatch takes xd [N, H * {ud}] and yr [R, H * {dm} (+ padding)] with H={heads} (K={K}, V={V}, "
+                         f"gate={has_gate}, beta={has_beta}), slot_of [N, k'] and row_of [N, k] with k' = k or k + 1, "
+                         f"got {tuple(xd.shape)}, {tuple(yr.shape)}, {tuple(slot_of.shape)}, {tuple(row_of.shape)}")
+    if use_triton(xd, backend):
+        return DispatchedTokens(*DispatchFunction.apply(xd, yr, slot_of, row_of, heads, K, V, G, has_beta))
+    return naive_dispatch(xd, yr, slot_of, row_of, heads=heads, k_dim=K, v_dim=V, has_gate=has_gate,
+                          has_beta=has_beta)
+
+
+class GatheredGroupedLinear(torch.autograd.Function):
+    """y[r] = x[src[r]] @ w[g]^T for the rows r of group g, offs[g - 1] <= r < offs[g] (torch's grouped GEMM).
+
+    The gathered rows live only inside each pass: the backward gathers them again for w's gradient, and sums the
+    gathered rows' gradients per token through row_of [N, k] (each token's k rows; no atomics)."""
+
+    @staticmethod
+    def forward(ctx, x, w, src, row_of, offs, backend):
+        ctx.save_for_backward(x, w, src, row_of, offs)
+        ctx.backend = backend
+        return F.grouped_mm(x.index_select(0, src), w.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, src, row_of, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        # w's gradient first: the gathered rows are freed before the rows' gradient is allocated
+        if ctx.needs_input_grad[1]:
+            dw = F.grouped_mm(dy.t(), x.index_select(0, src), offs=offs)
+        if ctx.needs_input_grad[0]:
+            drows = F.grouped_mm(dy, w, offs=offs)
+            ones = torch.ones(row_of.shape, dtype=torch.float32, device=x.device)
+            dx = combine(drows, ones, row_of, backend=ctx.backend)
+        return dx, dw, None, None, None, None
+
+
+def grouped_gemm_ok(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs on x's device and dtype without a host sync: its CUDA kernels take bf16 on
+    sm90 / sm100 (elsewhere on CUDA it reads the offsets on the host); on CPU it loops over groups there."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if not x.is_cuda:
+        return True
+    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+
+
+def project(x: torch.Tensor, w_dense: torch.Tensor, w_routed: torch.Tensor, slot_of: torch.Tensor,
+            memories: torch.Tensor, *, heads: int, k_dim: int, v_dim: int, has_gate: bool, has_beta: bool,
+            shared: bool, backend: str | None = None) -> DispatchedTokens:
+    """Hidden states x [N, h] -> the dispatched pieces (see `dispatch`), projecting each token densely with w_dense
+    [H * UD, h] and for each of its routed memories m with w_routed[m] [H * DM, h]; slot_of, memories [N, k'] as in
+    routing (with a `shared` memory its column is the last, memory index M)."""
+    N = x.shape[0]
+    M = w_routed.shape[0]
+    k = slot_of.shape[1] - int(shared)
+    routed = memories[:, :k]
+    xd = F.linear(x, w_dense)
+    if grouped_gemm_ok(x):
+        # the grouped GEMM's rows must start on 16 bytes: zero weight rows pad them (dispatch skips the padding)
+        pad = -w_routed.shape[1] % (16 // x.element_size())
+        w_routed = F.pad(w_routed, (0, 0, 0, pad))
+        flat = routed.reshape(-1)
+        # routed pairs sorted by memory, in token order within one: row r holds pair src_pair[r] = n * k + j
+        src_pair = torch.sort(flat, stable=True).indices
+        row_of = torch.empty_like(src_pair).scatter_(0, src_pair, torch.arange(N * k, device=x.device)).view(N, k)
+        offs = torch.zeros(M, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        yr = GatheredGroupedLinear.apply(x, w_routed, src_pair // k, row_of, offs.cumsum(0).to(torch.int32), backend)
+    else:
+        yr = F.linear(x, w_routed.reshape(-1, x.shape[1])).view(N * M, -1)
+        row_of = torch.arange(N, device=x.device)[:, None] * M + routed
+    return dispatch(xd, yr, slot_of, row_of, heads=heads, k_dim=k_dim, v_dim=v_dim, has_gate=has_gate,
+                    has_beta=has_beta, backend=backend)

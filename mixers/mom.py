@@ -8,13 +8,16 @@ or document borders. A token's output is the routing-weighted sum of its k memor
 memory's output, then the per-head gated RMSNorm and o_proj.
 
 The forward pass is sync-free (no host reads, fixed shapes):
-1. ONE column-parallel GEMM projects every token for q, the output gate and all M + 1 memories. That is M / k times
-   the FLOPs of projecting only the routed (token, memory) pairs, but it needs no grouped GEMM, no data-dependent
-   shapes, and its head-major layout keeps TP and checkpoints on the stock rules (see LinearMixer).
-2. `mom_routing.build_dispatch` orders the routed slots by (sequence, memory) with one stable sort and builds
+1. `mom_routing.build_dispatch` orders the routed slots by (sequence, memory) with one stable sort and builds
    `cu_seqlens` of a fixed size on the device (sequences x (M + 1) segments; empty ones allowed).
-3. One fused dispatch (kernels/mom_dispatch.py) copies q and each slot's own memory projections into that packed
-   order (its backward writes the in_proj gradient once, no zero fill); the short conv and ONE varlen kernel call
+2. Each token is projected once for q, the output gate and the shared memory (one GEMM), and for its k routed
+   memories only (ONE grouped GEMM over the routed pairs sorted by memory, offsets on the device): k / M of the
+   routed FLOPs of projecting every token for every memory. The weights stay one column-parallel in_proj whose
+   head-major unit layout keeps TP and checkpoints on the stock rules (see LinearMixer); each step takes its dense
+   and per-memory rows as copies. Where torch's grouped GEMM would read its offsets on the host (CUDA dtypes other
+   than bf16, GPUs other than sm90 / sm100) every token is projected for every memory instead.
+3. One fused dispatch (kernels/mom_dispatch.py) copies q and each slot's own memory projections into the packed
+   order (its backward writes each projection gradient once, no atomics); the short conv and ONE varlen kernel call
    run over all routed and shared segments together.
 4. The outputs are combined by a weighted gather-sum per token (deterministic backward, no atomics).
 
@@ -140,20 +143,34 @@ class MixtureOfMemories(LinearMixer):
         """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
         return routing.router_logits(hidden_states, self.router.weight)
 
-    def project_tokens(self, hidden_states: Tensor) -> tuple[Tensor, int, int]:
-        """in_proj of every token (sequence gathered under SP) -> units `[N, H, unit_width]` (`unit_sections`), T,
-        B; N = T * B tokens in Megatron's [s, b] order."""
-        x, _ = self.in_proj(hidden_states)
-        T, B, _ = x.shape
-        return x.view(T * B, self.local_heads, self.unit_width), T, B
+    def projection_weights(self) -> tuple[Tensor, Tensor]:
+        """in_proj's weight (one unit per head, `unit_sections`) as the dense rows `[H * UD, h]` (q, [g], [the shared
+        memory]) and the routed memories' rows `[M, H * DM, h]`, head-major within each: copies, so gradients flow
+        back into in_proj's weight. The unit layout keeps TP sharding and checkpoints on Megatron's stock rules."""
+        H, M = self.local_heads, self.num_memories
+        lead = self.head_k_dim + (self.head_v_dim if self.mixer_config.use_output_gate else 0)
+        dm = sum(w for _, w in self.memory_sections())
+        w = self.in_proj.weight.view(H, self.unit_width, -1)
+        dense = torch.cat([w[:, :lead], w[:, lead + M * dm:]], dim=1).reshape(-1, w.shape[-1])
+        routed = w[:, lead:lead + M * dm].reshape(H, M, dm, -1).transpose(0, 1).reshape(M, H * dm, -1)
+        return dense, routed
 
-    def dispatch_tokens(self, x: Tensor, slot_of: Tensor, memories: Tensor) -> mom_dispatch.DispatchedTokens:
-        """Units `[N, H, unit_width]` -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`, k `[S, H, K]`,
-        v `[S, H, V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory included)."""
-        return mom_dispatch.dispatch(x, slot_of, memories, heads=self.local_heads, k_dim=self.head_k_dim,
-                                     v_dim=self.head_v_dim, num_memories=self.total_memories,
-                                     has_gate=self.mixer_config.use_output_gate, has_beta=self.op == "delta_rule",
-                                     backend=self.backend)
+    def project_dispatch(self, hidden_states: Tensor, slot_of: Tensor, memories: Tensor
+                         ) -> mom_dispatch.DispatchedTokens:
+        """Hidden states `[s, b, h]` (s local under SP) -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`,
+        k `[S, H, K]`, v `[S, H, V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory
+        included). Each token is projected for q, the gate, the shared memory and its k routed memories only (one
+        GEMM, one grouped GEMM: kernels/mom_dispatch.py), not for all M."""
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(hidden_states, True, group=self.tp_group)
+        else:
+            # the column-parallel projection's input: its gradient is summed over the TP ranks
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
+        w_dense, w_routed = self.projection_weights()
+        return mom_dispatch.project(x.reshape(-1, x.shape[-1]), w_dense, w_routed, slot_of, memories,
+                                    heads=self.local_heads, k_dim=self.head_k_dim, v_dim=self.head_v_dim,
+                                    has_gate=self.mixer_config.use_output_gate, has_beta=self.op == "delta_rule",
+                                    shared=self.shared, backend=self.backend)
 
     def memory_inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None,
                       cu_seqlens: Tensor | None = None, conv_state: Tensor | None = None, fresh: bool = True
@@ -260,9 +277,9 @@ class MixtureOfMemories(LinearMixer):
         else:
             # the heads of every TP rank use these logits: their gradient must be summed over ranks
             logits = tensor_parallel.copy_to_tensor_model_parallel_region(logits_local, group=self.tp_group)
-        x, T, B = self.project_tokens(hidden_states)
+        T, B = logits.shape[:2]
         N = T * B
-        seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, x.device)
+        seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, logits.device)
         probs, weights, memories = routing.route(logits.reshape(N, M), self.topk)
         capacity = None
         if mc.capacity_factor is not None:
@@ -271,7 +288,7 @@ class MixtureOfMemories(LinearMixer):
         if d.keep is not None:
             weights = routing.renormalise_kept(weights, d.keep)
 
-        gate, *slots = self.dispatch_tokens(x, d.slot_of, d.memories)
+        gate, *slots = self.project_dispatch(hidden_states, d.slot_of, d.memories)
         qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens)
         o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
         if self.shared:
@@ -306,8 +323,8 @@ class MixtureOfMemories(LinearMixer):
         T, B, _ = hidden_states.shape
         conv_rows, state_rows = conv_state.reshape(B * Mt, *conv_state.shape[2:]), state.reshape(B * Mt, H, K, V)
         logits = self.router_logits(hidden_states)
-        x, T, B = self.project_tokens(hidden_states)
         N = T * B
+        dev = hidden_states.device
         _, weights, memories = routing.route(logits.reshape(N, M), self.topk)
         if self.shared:
             weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
@@ -315,11 +332,11 @@ class MixtureOfMemories(LinearMixer):
             # rows b * M_tot + memory of the routed memories and the shared one; distinct per token
             mems = torch.cat([memories, memories.new_full((B, 1), M)], 1) if self.shared else memories
             kp = mems.shape[1]
-            tok = torch.arange(B, device=x.device).repeat_interleave(kp)
+            tok = torch.arange(B, device=dev).repeat_interleave(kp)
             rows = tok * Mt + mems.reshape(-1)
             cs = conv_rows.index_select(0, rows)
             # slots in token order: slot b * k' + j is token b's j-th memory
-            gate, *slots = self.dispatch_tokens(x, torch.arange(B * kp, device=x.device).view(B, kp), mems)
+            gate, *slots = self.project_dispatch(hidden_states, torch.arange(B * kp, device=dev).view(B, kp), mems)
             qk, kk, vk, g, beta = self.memory_inputs(*slots, None, conv_state=cs if self.conv is not None else None,
                                                      fresh=False)
             if self.conv is not None:
@@ -336,9 +353,9 @@ class MixtureOfMemories(LinearMixer):
             state_rows.index_copy_(0, rows, new)
             o = torch.bmm(weights.to(o.dtype).unsqueeze(1), o.reshape(B, kp, H * V)).view(B, H, V)
         else:
-            seq_id = torch.arange(N, device=x.device) % B
+            seq_id = torch.arange(N, device=dev) % B
             d = routing.build_dispatch(memories, seq_id, B, M, self.shared)
-            gate, *slots = self.dispatch_tokens(x, d.slot_of, d.memories)
+            gate, *slots = self.project_dispatch(hidden_states, d.slot_of, d.memories)
             qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens, conv_state=conv_rows if self.conv is not None
                                                      else None, fresh=fresh)
             extras = {"beta": beta} if beta is not None else {}

@@ -6,9 +6,9 @@ of fixed size. The number of segments is fixed (sequences x memories, the shared
 routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a fixed shape and everything
 stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
 
-Data moves through kernels/mom_dispatch.py (tokens into the packed slots) and kernels/mom_combine.py (slot outputs
-back to tokens), fused in Triton on CUDA, whose backward passes write each element once (no atomic accumulation), so
-they are deterministic.
+Data moves through kernels/mom_dispatch.py (hidden states projected into the packed slots) and kernels/mom_combine.py
+(slot outputs back to tokens), fused in Triton on CUDA, whose backward passes write each element once (no atomic
+accumulation), so they are deterministic.
 """
 from __future__ import annotations
 

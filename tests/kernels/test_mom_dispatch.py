@@ -1,12 +1,22 @@
-"""MoM's fused dispatch (Triton under the interpreter on CPU) equals its definition: every output, and the input
-gradient for random gradients of every output (or of some, the others unused), k' = 1..3, with and without the output
-gate and beta, K / V powers of two or not. Outputs and the input gradient are poisoned with NaN, so an element the
-kernels leave unwritten fails."""
+"""MoM's projection and dispatch (kernels/mom_dispatch.py).
+
+The fused dispatch (Triton under the interpreter on CPU) equals its definition: every output, and the gradients of
+the dense projections and of the routed rows for random gradients of every output (or of some, the others unused);
+k' = 1..3, with and without the shared memory, the output gate and beta, K / V powers of two or not, routed rows
+padded or not, rows that no slot reads. Outputs and gradients are poisoned with NaN, so an element the kernels leave
+unwritten fails.
+
+`project` (the grouped GEMM over the routed pairs, and the every-token-every-memory fallback) equals projecting every
+token for every memory with one GEMM and picking each slot's rows: the pieces and the gradients of x and of both
+weights, including a memory that no token chose.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
-from linear_moe.kernels.mom_dispatch import dispatch, naive_dispatch
+import torch.nn.functional as F
+from linear_moe.kernels import mom_dispatch
+from linear_moe.kernels.mom_dispatch import dispatch, naive_dispatch, project
 
 H, N, MT = 2, 13, 4
 
@@ -26,92 +36,174 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def routing(kp):
-    """Distinct memories per token and a random slot permutation."""
-    memories = torch.stack([torch.randperm(MT)[:kp] for _ in range(N)])
-    return torch.randperm(N * kp).view(N, kp), memories
+def routing(kp, shared, memories=MT):
+    """Distinct routed memories per token (the shared one, index `memories`, last) and a random slot permutation."""
+    kr = kp - shared
+    routed = torch.stack([torch.randperm(memories)[:kr] for _ in range(N)])
+    if shared:
+        routed = torch.cat([routed, torch.full((N, 1), memories)], 1)
+    return torch.randperm(N * kp).view(N, kp), routed
 
 
-def run(x, slot_of, memories, grads, dims, backend, used):
-    xx = x.clone().requires_grad_()
-    out = dispatch(xx, slot_of, memories, **dims, backend=backend)
+def run(xd, yr, slot_of, row_of, grads, dims, backend, used):
+    xd, yr = xd.clone().requires_grad_(), yr.clone().requires_grad_()
+    out = dispatch(xd, yr, slot_of, row_of, **dims, backend=backend)
     loss = sum((t.float() * grads[i]).sum() for i, t in enumerate(out) if t is not None and i in used)
     loss.backward()
-    return out, xx.grad
+    return out, xd.grad, yr.grad
 
 
-@pytest.mark.parametrize("kp,K,V,gate,beta", [(1, 16, 32, True, True), (2, 16, 32, False, False),
-                                              (3, 12, 20, True, False), (3, 16, 32, False, True)],
-                         ids=["k1-K16-V32-gate-beta", "k2-K16-V32", "k3-K12-V20-gate", "k3-K16-V32-beta"])
+@pytest.mark.parametrize("kp,shared,K,V,gate,beta,extra_rows,pad", [
+    (1, False, 16, 32, True, True, 0, 0), (2, False, 16, 32, False, False, 5, 0), (3, True, 12, 20, True, False, 0, 3),
+    (3, False, 16, 32, False, True, 7, 2)],
+    ids=["k1-K16-V32-gate-beta", "k2-K16-V32-unread-rows", "k3-shared-K12-V20-gate-padded",
+         "k3-K16-V32-beta-unread-padded"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
-def test_triton_equals_definition(kp, K, V, gate, beta, dtype, tol, poisoned_empty):
+def test_triton_equals_definition(kp, shared, K, V, gate, beta, extra_rows, pad, dtype, tol, poisoned_empty):
     torch.manual_seed(0)
-    dims = {"heads": H, "k_dim": K, "v_dim": V, "num_memories": MT, "has_gate": gate, "has_beta": beta}
-    unit = K + (V if gate else 0) + MT * (K + V + 1 + beta)
-    slot_of, memories = routing(kp)
-    x = torch.randn(N, H * unit, dtype=dtype)
-    ref = naive_dispatch(x.float(), slot_of, memories, **dims)
-    # gradients representable in x's dtype, so the copied ones can be compared exactly
+    dims = {"heads": H, "k_dim": K, "v_dim": V, "has_gate": gate, "has_beta": beta}
+    dm = K + V + 1 + beta
+    ud = K + (V if gate else 0) + shared * dm
+    slot_of, _ = routing(kp, shared)
+    kr = kp - shared
+    # routed rows in a random order, some rows read by no slot
+    R = N * kr + extra_rows
+    row_of = torch.randperm(R)[:N * kr].view(N, kr)
+    xd = torch.randn(N, H * ud, dtype=dtype)
+    yr = torch.randn(R, H * dm + pad, dtype=dtype)
+    ref = naive_dispatch(xd.float(), yr.float(), slot_of, row_of, **dims)
+    # gradients representable in the dtype, so the copied ones can be compared exactly
     grads = [None if t is None else torch.randn_like(t).to(dtype).float() for t in ref]
-    # every output's gradient, then only q's, k's and v's (the others arrive as None and count as zeros)
     for used in ({0, 1, 2, 3, 4, 5}, {1, 2, 3}):
-        got, dx = run(x, slot_of, memories, grads, dims, "triton", used)
-        _, dx_ref = run(x.float(), slot_of, memories, grads, dims, "torch", used)
+        got, dxd, dyr = run(xd, yr, slot_of, row_of, grads, dims, "triton", used)
+        _, dxd_ref, dyr_ref = run(xd.float(), yr.float(), slot_of, row_of, grads, dims, "torch", used)
         for name, t, r in zip(got._fields, got, ref, strict=True):
             assert (t is None) == (r is None), name
             if t is not None:
                 assert t.dtype == dtype and t.is_contiguous(), name
                 assert torch.equal(t.float(), r), name  # copies: exact
-        assert dx.shape == x.shape and dx.dtype == dtype
-        dx, dx_ref = dx.view(N, H, unit), dx_ref.view(N, H, unit)
-        # gate and memory columns are copies; q's gradient is a sum of k' slot gradients (fp32, then x's dtype)
-        assert torch.equal(dx[..., K:].float(), dx_ref[..., K:]), used
-        assert rel(dx[..., :K], dx_ref[..., :K]) < tol, (used, rel(dx[..., :K], dx_ref[..., :K]))
+        assert dxd.shape == xd.shape and dyr.shape == yr.shape and dxd.dtype == dyr.dtype == dtype
+        # routed rows (with unread rows and padding zero) and the gate / shared columns are copies; q's gradient
+        # is a sum of k' slot gradients (fp32, then the dtype)
+        assert torch.equal(dyr.float(), dyr_ref), used
+        dxd, dxd_ref = dxd.view(N, H, ud), dxd_ref.view(N, H, ud)
+        assert torch.equal(dxd[..., K:].float(), dxd_ref[..., K:]), used
+        assert rel(dxd[..., :K], dxd_ref[..., :K]) < tol, (used, rel(dxd[..., :K], dxd_ref[..., :K]))
 
 
-def test_unit_shaped_input(poisoned_empty):
-    """x as [N, H, unit] (the layer's view) gives the same pieces, and its gradient comes back in that shape."""
+def test_head_shaped_inputs(poisoned_empty):
+    """xd as [N, H, UD] and yr as [R, H, DM] give the same pieces, and their gradients come back in those shapes."""
     torch.manual_seed(0)
-    dims = {"heads": H, "k_dim": 8, "v_dim": 8, "num_memories": MT, "has_gate": True, "has_beta": True}
-    slot_of, memories = routing(2)
-    x = torch.randn(N, H, 8 + 8 + MT * 18)
-    ref = naive_dispatch(x, slot_of, memories, **dims)
+    dims = {"heads": H, "k_dim": 8, "v_dim": 8, "has_gate": True, "has_beta": True}
+    slot_of, _ = routing(3, True)
+    row_of = torch.randperm(N * 2).view(N, 2)
+    xd, yr = torch.randn(N, H, 8 + 8 + 18), torch.randn(N * 2, H, 18)
+    ref = naive_dispatch(xd, yr, slot_of, row_of, **dims)
     grads = [torch.randn_like(t) for t in ref]
-    got, dx = run(x, slot_of, memories, grads, dims, "triton", {0, 1, 2, 3, 4, 5})
-    _, dx_ref = run(x, slot_of, memories, grads, dims, "torch", {0, 1, 2, 3, 4, 5})
+    got, dxd, dyr = run(xd, yr, slot_of, row_of, grads, dims, "triton", {0, 1, 2, 3, 4, 5})
+    _, dxd_ref, dyr_ref = run(xd, yr, slot_of, row_of, grads, dims, "torch", {0, 1, 2, 3, 4, 5})
     assert all(torch.equal(t, r) for t, r in zip(got, ref, strict=True))
-    assert dx.shape == x.shape and rel(dx, dx_ref) < 1e-6
+    assert dxd.shape == xd.shape and dyr.shape == yr.shape
+    assert rel(dxd, dxd_ref) < 1e-6 and torch.equal(dyr, dyr_ref)
 
 
 def test_bad_shapes():
-    dims = {"heads": 2, "k_dim": 4, "v_dim": 4, "num_memories": 2, "has_gate": False, "has_beta": False}
-    slot_of, memories = torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long)
+    dims = {"heads": 2, "k_dim": 4, "v_dim": 4, "has_gate": False, "has_beta": False}
+    slot_of, row_of = torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long)
+    xd, yr = torch.randn(3, 2 * 13), torch.randn(3, 2 * 9)  # q 4 + shared 9 per head
     with pytest.raises(ValueError, match="dispatch takes"):
-        dispatch(torch.randn(3, 2 * 20), slot_of, memories, **dims)  # unit is 4 + 2 * 9 = 22, not 20
+        dispatch(xd[:, :20], yr, slot_of, row_of, **dims)
     with pytest.raises(ValueError, match="dispatch takes"):
-        dispatch(torch.randn(3, 2 * 22), slot_of, memories[:, :1], **dims)
+        dispatch(xd, yr[:, :17], slot_of, row_of, **dims)
+    with pytest.raises(ValueError, match="dispatch takes"):
+        dispatch(xd, yr, slot_of, torch.zeros(3, 3, dtype=torch.long), **dims)
+
+
+def project_reference(x, w_dense, w_routed, slot_of, memories, dims, shared):
+    """Every token projected for every memory by one GEMM (the unit layout of in_proj: q, [gate], then each memory's
+    rows, the shared one last), then each slot's rows picked by the definition of the dispatch."""
+    heads, M = dims["heads"], w_routed.shape[0]
+    h = x.shape[1]
+    dm = w_routed.shape[1] // heads
+    dense = w_dense.view(heads, -1, h)
+    lead = dense.shape[1] - shared * dm
+    units = [dense[:, :lead], w_routed.view(M, heads, dm, h).transpose(0, 1).reshape(heads, M * dm, h)]
+    if shared:
+        units.append(dense[:, lead:])
+    full = F.linear(x, torch.cat(units, 1).reshape(-1, h)).view(x.shape[0], heads, -1)  # [N, H, unit]
+    xd = torch.cat([full[..., :lead], full[..., lead + M * dm:]], -1)
+    yr = full[..., lead:lead + M * dm].reshape(x.shape[0], heads, M, dm).transpose(1, 2).reshape(-1, heads * dm)
+    row_of = torch.arange(x.shape[0])[:, None] * M + memories[:, :slot_of.shape[1] - shared]
+    return naive_dispatch(xd, yr, slot_of, row_of, **dims)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every-memory"])
+@pytest.mark.parametrize("kp,shared,gate,beta,backend", [(3, True, True, True, "torch"), (2, False, False, True, "torch"),
+                                                        (3, True, True, False, "triton")],
+                         ids=["k2-shared-gate-beta", "k2-noshared-beta", "k2-shared-gate-nobeta-triton"])
+def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backend, monkeypatch, poisoned_empty):
+    """Memory 0 is chosen by no token (an empty group); odd widths (K 6, V 10) make the grouped rows need padding."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(mom_dispatch, "grouped_gemm_ok", lambda x: grouped)
+    K, V, h = 6, 10, 24
+    dims = {"heads": H, "k_dim": K, "v_dim": V, "has_gate": gate, "has_beta": beta}
+    dm = K + V + 1 + beta
+    slot_of, memories = routing(kp, shared, memories=MT - 1)
+    memories[:, :kp - shared] += 1  # routed memories 1..3, none to memory 0
+    if shared:
+        memories[:, -1] = MT
+    x = torch.randn(N, h, requires_grad=True)
+    w_dense = torch.randn(H * (K + (V if gate else 0) + shared * dm), h, requires_grad=True)
+    w_routed = torch.randn(MT, H * dm, h, requires_grad=True)
+    grads = None
+    res = []
+    for fn in (lambda: project(x, w_dense, w_routed, slot_of, memories, **dims, shared=shared, backend=backend),
+               lambda: project_reference(x, w_dense, w_routed, slot_of, memories, dims, shared)):
+        out = fn()
+        if grads is None:
+            grads = [None if t is None else torch.randn_like(t) for t in out]
+        sum((t * g).sum() for t, g in zip(out, grads, strict=True) if t is not None).backward()
+        res.append((out, x.grad, w_dense.grad, w_routed.grad))
+        x.grad = w_dense.grad = w_routed.grad = None
+    (got, *dgot), (ref, *dref) = res
+    for name, t, r in zip(got._fields, got, ref, strict=True):
+        assert (t is None) == (r is None), name
+        if t is not None:
+            assert rel(t, r) < 1e-5, name
+    for name, t, r in zip(("x", "w_dense", "w_routed"), dgot, dref, strict=True):
+        assert rel(t, r) < 1e-5, name
+    assert torch.count_nonzero(dgot[2][0]) == 0  # the memory that no token chose
 
 
 @pytest.mark.gpu
 def test_gpu_bf16_full_shape():
-    """bf16 at MoM's benchmark size (32768 tokens, top-2 + shared of 5 memories, 4 heads x 256) against the fp32
-    definition: the pieces and the gradient's copied columns exactly, q's gradient (a sum of 3) to bf16 rounding."""
+    """bf16 at MoM's benchmark size (32768 tokens, top-2 of 4 + shared, 4 heads x 256, hidden 2048), memory 0 chosen
+    by no token: the grouped GEMM path against the fp32 every-memory definition, pieces and every gradient."""
+    if not mom_dispatch.grouped_gemm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("torch's grouped GEMM needs bf16 on sm90 / sm100 and torch >= 2.10")
     torch.manual_seed(0)
-    N, kp, H, K, V, MT = 32768, 3, 4, 256, 256, 5
-    dims = {"heads": H, "k_dim": K, "v_dim": V, "num_memories": MT, "has_gate": True, "has_beta": True}
-    unit = K + V + MT * (K + V + 2)
-    slot_of = torch.randperm(N * kp, device="cuda").view(N, kp)
-    memories = torch.rand(N, MT, device="cuda").argsort(-1)[:, :kp]
-    x = torch.randn(N, H * unit, device="cuda", dtype=torch.bfloat16)
+    Ntok, H4, K, V, M, h = 32768, 4, 256, 256, 4, 2048
+    dims = {"heads": H4, "k_dim": K, "v_dim": V, "has_gate": True, "has_beta": True}
+    dm = K + V + 2
+    memories = torch.rand(Ntok, M - 1, device="cuda").argsort(-1)[:, :2] + 1
+    memories = torch.cat([memories, torch.full((Ntok, 1), M, device="cuda")], 1)
+    slot_of = torch.randperm(Ntok * 3, device="cuda").view(Ntok, 3)
+    x = torch.randn(Ntok, h, device="cuda", dtype=torch.bfloat16)
+    w_dense = (torch.randn(H4 * (K + V + dm), h, device="cuda") * h ** -0.5).bfloat16()
+    w_routed = (torch.randn(M, H4 * dm, h, device="cuda") * h ** -0.5).bfloat16()
     res = []
-    for xi, backend in ((x, "triton"), (x.float(), "torch")):
-        xx = xi.clone().requires_grad_()
-        out = dispatch(xx, slot_of, memories, **dims, backend=backend)
+    for fn, args in ((lambda *a: project(*a, slot_of, memories, **dims, shared=True), (x, w_dense, w_routed)),
+                     (lambda *a: project_reference(*a, slot_of, memories, dims, True),
+                      (x.float(), w_dense.float(), w_routed.float()))):
+        leaves = [t.clone().requires_grad_() for t in args]
+        out = fn(*leaves)
         torch.manual_seed(1)
-        sum((t.float() * torch.randn(t.shape, device="cuda").bfloat16().float()).sum() for t in out).backward()
-        res.append(([t.float() for t in out], xx.grad.float().view(N, H, unit)))
-    (got, dx), (ref, dx_ref) = res
-    for t, r in zip(got, ref, strict=True):
-        assert torch.equal(t, r)
-    assert torch.equal(dx[..., K:], dx_ref[..., K:])
-    assert rel(dx[..., :K], dx_ref[..., :K]) < 1e-2
+        sum((t.float() * torch.randn(t.shape, device="cuda").bfloat16().float()).sum() for t in out
+            if t is not None).backward()
+        res.append(([t.float() for t in out if t is not None], [t.grad.float() for t in leaves]))
+    (got, dgot), (ref, dref) = res
+    for i, (t, r) in enumerate(zip(got, ref, strict=True)):
+        assert rel(t, r) < 1e-2, (i, rel(t, r))
+    for name, t, r in zip(("x", "w_dense", "w_routed"), dgot, dref, strict=True):
+        assert rel(t, r) < 1e-2, (name, rel(t, r))
+    assert torch.count_nonzero(dgot[2][0]) == 0

@@ -57,7 +57,8 @@ def reference_forward(layer, x, cu_docs=None, seg_kernel=None):
     probs = logits.softmax(-1)
     w, e = probs.topk(k, dim=-1)
     w = w / w.sum(-1, keepdim=True)
-    units, _, _ = layer.project_tokens(x)
+    # every token projected for every memory by in_proj itself (the layer projects only the routed pairs)
+    units = layer.in_proj(x)[0].reshape(N, layer.local_heads, layer.unit_width)
     # the unit layout split by name (q, g, then k{m}, v{m}, a{m}, beta{m} per memory), independent of the dispatch
     parts = dict(zip(layer.section_names, units.split(layer.section_widths, dim=-1)))
     q, gate = parts["q"], parts.get("g")

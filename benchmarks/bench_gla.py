@@ -52,8 +52,13 @@ def gla_flops(B: int, T: int, H: int, K: int, V: int, BT: int = 64) -> float:
 
 def fla_fns():
     try:
+        import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.gla import chunk_gla as fla_gla
         from fla.ops.simple_gla import chunk_simple_gla as fla_simple
+
+        # fla refuses simple_gla's gated backward on Hopper with Triton < 3.7.1 (a Triton miscompile); for timing
+        # only, as in bench_delta_rule.py
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
     except Exception as e:  # noqa: BLE001
         return None, None, f"{type(e).__name__}: {e}"
     return fla_gla, fla_simple, None

@@ -232,31 +232,84 @@ def dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, row_of: 
                           has_beta=has_beta)
 
 
-class GatheredGroupedLinear(torch.autograd.Function):
-    """y[r] = x[src[r]] @ w[g]^T for the rows r of group g, offs[g - 1] <= r < offs[g] (torch's grouped GEMM).
+class Layout(NamedTuple):
+    """Where a projection unit (one per head) keeps its parts: q K, [gate V], then memories 0..M-1 (the routed ones)
+    and the shared one last, each k K, v V, a 1, [beta 1] (dm columns)."""
 
-    The gathered rows live only inside each pass: the backward gathers them again for w's gradient, and sums the
-    gathered rows' gradients per token through row_of [N, k] (each token's k rows; no atomics)."""
+    heads: int
+    lead: int
+    """q and gate columns."""
+    routed: int
+    """M, the routed memories."""
+    dm: int
+    pad: int
+    """Zero rows that end the routed weights, so that the grouped GEMM's rows start on 16 bytes."""
+
+
+def _split(weight: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit-laid-out weight [H * unit, h] -> dense rows [H * UD, h] (q, [gate], [shared memory]) and routed rows
+    [M, H * dm + pad, h], head-major within each (copies)."""
+    w = weight.view(lay.heads, -1, weight.shape[-1])
+    end = lay.lead + lay.routed * lay.dm
+    dense = torch.cat([w[:, :lay.lead], w[:, end:]], 1).reshape(-1, w.shape[-1])
+    routed = w[:, lay.lead:end].reshape(lay.heads, lay.routed, lay.dm, -1).transpose(0, 1)
+    return dense, F.pad(routed.reshape(lay.routed, lay.heads * lay.dm, -1), (0, 0, 0, lay.pad))
+
+
+class ProjectFunction(torch.autograd.Function):
+    """x [N, h] -> xd [N, H * UD] (every token: q, [gate], [shared memory]) and the routed rows yr.
+
+    Grouped (src given): yr [N * k, H * dm + pad], row r = x[src[r]] @ w_routed[m]^T for the rows of memory m,
+    offs[m - 1] <= r < offs[m], one grouped GEMM (torch's; offsets on the device). The gathered rows and the weight
+    copies live only inside each pass: the backward makes them again. x's gradient sums each token's k rows through
+    row_of [N, k] (no atomics), then adds the dense part in the same GEMM. Otherwise yr [N * M, H * dm], row
+    n * M + m: every token for every memory."""
 
     @staticmethod
-    def forward(ctx, x, w, src, row_of, offs, backend):
-        ctx.save_for_backward(x, w, src, row_of, offs)
-        ctx.backend = backend
-        return F.grouped_mm(x.index_select(0, src), w.transpose(1, 2), offs=offs)
+    def forward(ctx, x, weight, src, row_of, offs, lay, backend):
+        w_dense, w_routed = _split(weight, lay)
+        xd = x @ w_dense.t()
+        if src is not None:
+            yr = F.grouped_mm(x.index_select(0, src), w_routed.transpose(1, 2), offs=offs)
+        else:
+            yr = (x @ w_routed.flatten(0, 1).t()).view(-1, w_routed.shape[1])
+        ctx.save_for_backward(x, weight, src, row_of, offs)
+        ctx.lay, ctx.backend = lay, backend
+        return xd, yr
 
     @staticmethod
-    def backward(ctx, dy):
-        x, w, src, row_of, offs = ctx.saved_tensors
-        dy = dy.contiguous()
+    def backward(ctx, dxd, dyr):
+        x, weight, src, row_of, offs = ctx.saved_tensors
+        lay = ctx.lay
+        N, h = x.shape
+        H, M, dm = lay.heads, lay.routed, lay.dm
+        w_dense, w_routed = _split(weight, lay)
+        dxd, dyr = dxd.contiguous(), dyr.contiguous()
         dx = dw = None
-        # w's gradient first: the gathered rows are freed before the rows' gradient is allocated
         if ctx.needs_input_grad[1]:
-            dw = F.grouped_mm(dy.t(), x.index_select(0, src), offs=offs)
+            # every element written once: no zero fill
+            dw = torch.empty(H, weight.shape[0] // H, h, dtype=weight.dtype, device=weight.device)
+            end = lay.lead + M * dm
+            d_dense = (dxd.t() @ x).view(H, -1, h)
+            dw[:, :lay.lead] = d_dense[:, :lay.lead]
+            dw[:, end:] = d_dense[:, lay.lead:]
+            del d_dense
+            if src is not None:
+                # before x's gradient: the gathered rows are freed before the rows' gradient is allocated
+                d_routed = F.grouped_mm(dyr.t(), x.index_select(0, src), offs=offs)
+            else:
+                d_routed = (dyr.view(N, -1).t() @ x).view(M, -1, h)
+            dw[:, lay.lead:end] = d_routed[:, :H * dm].view(M, H, dm, h).transpose(0, 1).reshape(H, M * dm, h)
+            dw = dw.view_as(weight)
         if ctx.needs_input_grad[0]:
-            drows = F.grouped_mm(dy, w, offs=offs)
-            ones = torch.ones(row_of.shape, dtype=torch.float32, device=x.device)
-            dx = combine(drows, ones, row_of, backend=ctx.backend)
-        return dx, dw, None, None, None, None
+            if src is not None:
+                drows = F.grouped_mm(dyr, w_routed, offs=offs)
+                ones = torch.ones(row_of.shape, dtype=torch.float32, device=x.device)
+                dx = combine(drows, ones, row_of, backend=ctx.backend)
+            else:
+                dx = dyr.view(N, -1) @ w_routed.flatten(0, 1)
+            dx.addmm_(dxd, w_dense)
+        return dx, dw, None, None, None, None, None
 
 
 def grouped_gemm_ok(x: torch.Tensor) -> bool:
@@ -269,29 +322,35 @@ def grouped_gemm_ok(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
 
 
-def project(x: torch.Tensor, w_dense: torch.Tensor, w_routed: torch.Tensor, slot_of: torch.Tensor,
-            memories: torch.Tensor, *, heads: int, k_dim: int, v_dim: int, has_gate: bool, has_beta: bool,
-            shared: bool, backend: str | None = None) -> DispatchedTokens:
-    """Hidden states x [N, h] -> the dispatched pieces (see `dispatch`), projecting each token densely with w_dense
-    [H * UD, h] and for each of its routed memories m with w_routed[m] [H * DM, h]; slot_of, memories [N, k'] as in
-    routing (with a `shared` memory its column is the last, memory index M)."""
-    N = x.shape[0]
-    M = w_routed.shape[0]
+def project(x: torch.Tensor, weight: torch.Tensor, slot_of: torch.Tensor, memories: torch.Tensor, *, heads: int,
+            k_dim: int, v_dim: int, num_memories: int, has_gate: bool, has_beta: bool, shared: bool,
+            backend: str | None = None) -> DispatchedTokens:
+    """Hidden states x [N, h] -> the dispatched pieces (see `dispatch`). weight [H * unit, h] holds one unit per head
+    (`Layout`: q, [gate], then the num_memories routed memories and the `shared` one last); slot_of, memories [N, k']
+    as in routing (the shared memory's column last, its index num_memories). Each token is projected densely for q,
+    the gate and the shared memory and, for its k routed memories only, by the grouped GEMM."""
+    N, h = x.shape
+    M = num_memories
+    dm = k_dim + v_dim + 1 + int(has_beta)
+    lead = k_dim + (v_dim if has_gate else 0)
+    unit = lead + (M + int(shared)) * dm
     k = slot_of.shape[1] - int(shared)
+    if weight.shape != (heads * unit, h) or memories.shape != slot_of.shape or slot_of.shape[0] != N:
+        raise ValueError(f"project takes x [N, h], weight [H * unit, h] with H={heads}, unit={unit} (K={k_dim}, "
+                         f"V={v_dim}, {M} routed memories, shared={shared}, gate={has_gate}, beta={has_beta}), "
+                         f"slot_of and memories [N, k'], got {tuple(x.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(slot_of.shape)}, {tuple(memories.shape)}")
     routed = memories[:, :k]
-    xd = F.linear(x, w_dense)
     if grouped_gemm_ok(x):
-        # the grouped GEMM's rows must start on 16 bytes: zero weight rows pad them (dispatch skips the padding)
-        pad = -w_routed.shape[1] % (16 // x.element_size())
-        w_routed = F.pad(w_routed, (0, 0, 0, pad))
         flat = routed.reshape(-1)
         # routed pairs sorted by memory, in token order within one: row r holds pair src_pair[r] = n * k + j
         src_pair = torch.sort(flat, stable=True).indices
         row_of = torch.empty_like(src_pair).scatter_(0, src_pair, torch.arange(N * k, device=x.device)).view(N, k)
         offs = torch.zeros(M, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-        yr = GatheredGroupedLinear.apply(x, w_routed, src_pair // k, row_of, offs.cumsum(0).to(torch.int32), backend)
+        lay = Layout(heads, lead, M, dm, -heads * dm % (16 // x.element_size()))
+        xd, yr = ProjectFunction.apply(x, weight, src_pair // k, row_of, offs.cumsum(0).to(torch.int32), lay, backend)
     else:
-        yr = F.linear(x, w_routed.reshape(-1, x.shape[1])).view(N * M, -1)
         row_of = torch.arange(N, device=x.device)[:, None] * M + routed
+        xd, yr = ProjectFunction.apply(x, weight, None, None, None, Layout(heads, lead, M, dm, 0), backend)
     return dispatch(xd, yr, slot_of, row_of, heads=heads, k_dim=k_dim, v_dim=v_dim, has_gate=has_gate,
                     has_beta=has_beta, backend=backend)

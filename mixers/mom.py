@@ -13,7 +13,7 @@ The forward pass is sync-free (no host reads, fixed shapes):
 2. Each token is projected once for q, the output gate and the shared memory (one GEMM), and for its k routed
    memories only (ONE grouped GEMM over the routed pairs sorted by memory, offsets on the device): k / M of the
    routed FLOPs of projecting every token for every memory. The weights stay one column-parallel in_proj whose
-   head-major unit layout keeps TP and checkpoints on the stock rules (see LinearMixer); each step takes its dense
+   head-major unit layout keeps TP and checkpoints on the stock rules (see LinearMixer); each pass takes its dense
    and per-memory rows as copies. Where torch's grouped GEMM would read its offsets on the host (CUDA dtypes other
    than bf16, GPUs other than sm90 / sm100) every token is projected for every memory instead.
 3. One fused dispatch (kernels/mom_dispatch.py) copies q and each slot's own memory projections into the packed
@@ -143,18 +143,6 @@ class MixtureOfMemories(LinearMixer):
         """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
         return routing.router_logits(hidden_states, self.router.weight)
 
-    def projection_weights(self) -> tuple[Tensor, Tensor]:
-        """in_proj's weight (one unit per head, `unit_sections`) as the dense rows `[H * UD, h]` (q, [g], [the shared
-        memory]) and the routed memories' rows `[M, H * DM, h]`, head-major within each: copies, so gradients flow
-        back into in_proj's weight. The unit layout keeps TP sharding and checkpoints on Megatron's stock rules."""
-        H, M = self.local_heads, self.num_memories
-        lead = self.head_k_dim + (self.head_v_dim if self.mixer_config.use_output_gate else 0)
-        dm = sum(w for _, w in self.memory_sections())
-        w = self.in_proj.weight.view(H, self.unit_width, -1)
-        dense = torch.cat([w[:, :lead], w[:, lead + M * dm:]], dim=1).reshape(-1, w.shape[-1])
-        routed = w[:, lead:lead + M * dm].reshape(H, M, dm, -1).transpose(0, 1).reshape(M, H * dm, -1)
-        return dense, routed
-
     def project_dispatch(self, hidden_states: Tensor, slot_of: Tensor, memories: Tensor
                          ) -> mom_dispatch.DispatchedTokens:
         """Hidden states `[s, b, h]` (s local under SP) -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`,
@@ -166,11 +154,11 @@ class MixtureOfMemories(LinearMixer):
         else:
             # the column-parallel projection's input: its gradient is summed over the TP ranks
             x = tensor_parallel.copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        w_dense, w_routed = self.projection_weights()
-        return mom_dispatch.project(x.reshape(-1, x.shape[-1]), w_dense, w_routed, slot_of, memories,
+        # in_proj's weight in its unit layout (`unit_sections`), which keeps TP and checkpoints on the stock rules
+        return mom_dispatch.project(x.reshape(-1, x.shape[-1]), self.in_proj.weight, slot_of, memories,
                                     heads=self.local_heads, k_dim=self.head_k_dim, v_dim=self.head_v_dim,
-                                    has_gate=self.mixer_config.use_output_gate, has_beta=self.op == "delta_rule",
-                                    shared=self.shared, backend=self.backend)
+                                    num_memories=self.num_memories, has_gate=self.mixer_config.use_output_gate,
+                                    has_beta=self.op == "delta_rule", shared=self.shared, backend=self.backend)
 
     def memory_inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None,
                       cu_seqlens: Tensor | None = None, conv_state: Tensor | None = None, fresh: bool = True

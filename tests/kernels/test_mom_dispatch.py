@@ -119,22 +119,21 @@ def test_bad_shapes():
         dispatch(xd, yr, slot_of, torch.zeros(3, 3, dtype=torch.long), **dims)
 
 
-def project_reference(x, w_dense, w_routed, slot_of, memories, dims, shared):
-    """Every token projected for every memory by one GEMM (the unit layout of in_proj: q, [gate], then each memory's
+def project_reference(x, weight, slot_of, memories, dims, M, shared):
+    """Every token projected for every memory by one GEMM of the unit-laid-out weight (q, [gate], then each memory's
     rows, the shared one last), then each slot's rows picked by the definition of the dispatch."""
-    heads, M = dims["heads"], w_routed.shape[0]
-    h = x.shape[1]
-    dm = w_routed.shape[1] // heads
-    dense = w_dense.view(heads, -1, h)
-    lead = dense.shape[1] - shared * dm
-    units = [dense[:, :lead], w_routed.view(M, heads, dm, h).transpose(0, 1).reshape(heads, M * dm, h)]
-    if shared:
-        units.append(dense[:, lead:])
-    full = F.linear(x, torch.cat(units, 1).reshape(-1, h)).view(x.shape[0], heads, -1)  # [N, H, unit]
+    heads = dims["heads"]
+    dm = dims["k_dim"] + dims["v_dim"] + 1 + dims["has_beta"]
+    lead = dims["k_dim"] + (dims["v_dim"] if dims["has_gate"] else 0)
+    full = F.linear(x, weight).view(x.shape[0], heads, -1)  # [N, H, unit]
     xd = torch.cat([full[..., :lead], full[..., lead + M * dm:]], -1)
     yr = full[..., lead:lead + M * dm].reshape(x.shape[0], heads, M, dm).transpose(1, 2).reshape(-1, heads * dm)
-    row_of = torch.arange(x.shape[0])[:, None] * M + memories[:, :slot_of.shape[1] - shared]
+    row_of = torch.arange(x.shape[0], device=x.device)[:, None] * M + memories[:, :slot_of.shape[1] - shared]
     return naive_dispatch(xd, yr, slot_of, row_of, **dims)
+
+
+def unit_width(K, V, gate, beta, M, shared):
+    return K + (V if gate else 0) + (M + shared) * (K + V + 1 + beta)
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every-memory"])
@@ -147,32 +146,42 @@ def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backe
     monkeypatch.setattr(mom_dispatch, "grouped_gemm_ok", lambda x: grouped)
     K, V, h = 6, 10, 24
     dims = {"heads": H, "k_dim": K, "v_dim": V, "has_gate": gate, "has_beta": beta}
-    dm = K + V + 1 + beta
     slot_of, memories = routing(kp, shared, memories=MT - 1)
     memories[:, :kp - shared] += 1  # routed memories 1..3, none to memory 0
     if shared:
         memories[:, -1] = MT
     x = torch.randn(N, h, requires_grad=True)
-    w_dense = torch.randn(H * (K + (V if gate else 0) + shared * dm), h, requires_grad=True)
-    w_routed = torch.randn(MT, H * dm, h, requires_grad=True)
+    weight = torch.randn(H * unit_width(K, V, gate, beta, MT, shared), h, requires_grad=True)
     grads = None
     res = []
-    for fn in (lambda: project(x, w_dense, w_routed, slot_of, memories, **dims, shared=shared, backend=backend),
-               lambda: project_reference(x, w_dense, w_routed, slot_of, memories, dims, shared)):
+    for fn in (lambda: project(x, weight, slot_of, memories, **dims, num_memories=MT, shared=shared, backend=backend),
+               lambda: project_reference(x, weight, slot_of, memories, dims, MT, shared)):
         out = fn()
         if grads is None:
             grads = [None if t is None else torch.randn_like(t) for t in out]
         sum((t * g).sum() for t, g in zip(out, grads, strict=True) if t is not None).backward()
-        res.append((out, x.grad, w_dense.grad, w_routed.grad))
-        x.grad = w_dense.grad = w_routed.grad = None
+        res.append((out, x.grad, weight.grad))
+        x.grad = weight.grad = None
     (got, *dgot), (ref, *dref) = res
     for name, t, r in zip(got._fields, got, ref, strict=True):
         assert (t is None) == (r is None), name
         if t is not None:
             assert rel(t, r) < 1e-5, name
-    for name, t, r in zip(("x", "w_dense", "w_routed"), dgot, dref, strict=True):
+    for name, t, r in zip(("x", "weight"), dgot, dref, strict=True):
         assert rel(t, r) < 1e-5, name
-    assert torch.count_nonzero(dgot[2][0]) == 0  # the memory that no token chose
+    # the rows of the memory that no token chose
+    lead = K + (V if gate else 0)
+    dm = K + V + 1 + beta
+    assert torch.count_nonzero(dgot[1].view(H, -1, h)[:, lead:lead + dm]) == 0
+
+
+def test_project_bad_shapes():
+    dims = {"heads": H, "k_dim": 4, "v_dim": 4, "has_gate": False, "has_beta": False}
+    slot_of, memories = routing(3, True)
+    x = torch.randn(N, 8)
+    with pytest.raises(ValueError, match="project takes"):
+        project(x, torch.randn(H * unit_width(4, 4, False, False, MT, True) - 1, 8), slot_of, memories, **dims,
+                num_memories=MT, shared=True)
 
 
 @pytest.mark.gpu
@@ -184,17 +193,14 @@ def test_gpu_bf16_full_shape():
     torch.manual_seed(0)
     Ntok, H4, K, V, M, h = 32768, 4, 256, 256, 4, 2048
     dims = {"heads": H4, "k_dim": K, "v_dim": V, "has_gate": True, "has_beta": True}
-    dm = K + V + 2
     memories = torch.rand(Ntok, M - 1, device="cuda").argsort(-1)[:, :2] + 1
     memories = torch.cat([memories, torch.full((Ntok, 1), M, device="cuda")], 1)
     slot_of = torch.randperm(Ntok * 3, device="cuda").view(Ntok, 3)
     x = torch.randn(Ntok, h, device="cuda", dtype=torch.bfloat16)
-    w_dense = (torch.randn(H4 * (K + V + dm), h, device="cuda") * h ** -0.5).bfloat16()
-    w_routed = (torch.randn(M, H4 * dm, h, device="cuda") * h ** -0.5).bfloat16()
+    weight = (torch.randn(H4 * unit_width(K, V, True, True, M, True), h, device="cuda") * h ** -0.5).bfloat16()
     res = []
-    for fn, args in ((lambda *a: project(*a, slot_of, memories, **dims, shared=True), (x, w_dense, w_routed)),
-                     (lambda *a: project_reference(*a, slot_of, memories, dims, True),
-                      (x.float(), w_dense.float(), w_routed.float()))):
+    for fn, args in ((lambda *a: project(*a, slot_of, memories, **dims, num_memories=M, shared=True), (x, weight)),
+                     (lambda *a: project_reference(*a, slot_of, memories, dims, M, True), (x.float(), weight.float()))):
         leaves = [t.clone().requires_grad_() for t in args]
         out = fn(*leaves)
         torch.manual_seed(1)
@@ -204,6 +210,6 @@ def test_gpu_bf16_full_shape():
     (got, dgot), (ref, dref) = res
     for i, (t, r) in enumerate(zip(got, ref, strict=True)):
         assert rel(t, r) < 1e-2, (i, rel(t, r))
-    for name, t, r in zip(("x", "w_dense", "w_routed"), dgot, dref, strict=True):
+    for name, t, r in zip(("x", "weight"), dgot, dref, strict=True):
         assert rel(t, r) < 1e-2, (name, rel(t, r))
-    assert torch.count_nonzero(dgot[2][0]) == 0
+    assert torch.count_nonzero(dgot[1].view(H4, -1, h)[:, K + V:K + V + K + V + 2]) == 0

@@ -157,10 +157,10 @@ def chunk_delta_rule_fwd_kernel_wy(
     cu_seqlens, chunk_info, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, PREC_BLOCK: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr,
+    PREC: tl.constexpr, PREC_BLOCK: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """w, u per chunk; with STORE_T also T = (I + A)^-1 (fp32 [TT, H, BT]) for the backward's WY kernel, which reads
-    it and its transpose from memory."""
+    """The cumulative gates G per chunk, and (DELTA) w, u; with STORE_T also T = (I + A)^-1 (fp32 [TT, H, BT]) for
+    the backward's WY kernel, which reads it and its transpose from memory."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
@@ -168,10 +168,23 @@ def chunk_delta_rule_fwd_kernel_wy(
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
-    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_G = tl.cumsum(b_g, 0)
     tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
+    if DELTA:
+        _wy_chunk(k, v, beta, w, u, Ti, b_G, bos, T, i_t, i_h, H, K, V, BT, BK, BV, PREC, PREC_BLOCK, LOG_BT,
+                  STORE_T)
+
+
+@triton.jit
+def _wy_chunk(k, v, beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_BLOCK: tl.constexpr,
+              LOG_BT: tl.constexpr, STORE_T: tl.constexpr):
+    """w = T (beta gamma k) and u = T (beta v) of one chunk, T = (I + A)^-1 (stored with STORE_T)."""
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -208,10 +221,10 @@ def chunk_delta_rule_fwd_kernel_h(
     cu_seqlens, cu_chunks, order, hb,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """The states entering each chunk, h [NT, HS, K, V], and v_new, for the HS heads hb, hb + 1, ... (a head group);
-    programs take the sequences in `order` (longest first)."""
+    """The states entering each chunk, h [NT, HS, K, V], and (DELTA) v_new = u - w h, for the HS heads hb, hb + 1,
+    ... (a head group); programs take the sequences in `order` (longest first). Without DELTA, u is v (no w)."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
@@ -229,14 +242,15 @@ def chunk_delta_rule_fwd_kernel_h(
     for i_t in range(NT):
         p_h, m_h = _tile(h + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
-        b_w = tl.load(p_w, mask=m_w, other=0.0)
         b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
-        b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
-        tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
+        if DELTA:
+            p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
+            p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+            b_w = tl.load(p_w, mask=m_w, other=0.0)
+            b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+            tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
         b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
         m_t = i_t * BT + o_i < T
         b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
@@ -296,9 +310,10 @@ def chunk_delta_rule_bwd_kernel_dh(
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, RECOMPUTE_A: tl.constexpr, PREC: tl.constexpr,
+    DELTA: tl.constexpr,
 ):
-    """Backward over chunks: dv (gradient of v_new, all of it) per chunk, and dh (of the state after each chunk,
-    [NT, HS, K, V]), for the HS heads from hb, sequences in `order`."""
+    """Backward over chunks: dv (gradient of v_new, all of it; v's without DELTA) per chunk, and dh (of the state
+    after each chunk, [NT, HS, K, V]), for the HS heads from hb, sequences in `order`."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
@@ -319,7 +334,6 @@ def chunk_delta_rule_bwd_kernel_dh(
         tl.store(p_dh, b_dh.to(p_dh.dtype.element_ty), mask=m_dh)
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_qt, m_qt = _tile(q + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
-        p_wt, m_wt = _tile(w + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
@@ -341,10 +355,12 @@ def chunk_delta_rule_bwd_kernel_dh(
         b_kdec = tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)
         b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC) * b_kdec[:, None]
         tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
-        b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
         b_dh *= tl.exp(b_Gl)
         b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
-        b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
+        if DELTA:
+            p_wt, m_wt = _tile(w + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+            b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
+            b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
     if STORE_DH0:
         p_dh0, m_dh0 = _tile(dh0 + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_dh0, b_dh, mask=m_dh0)
@@ -356,11 +372,11 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     cu_seqlens, chunk_info, N, TT, hb,
     H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """Per chunk and K-block: dq (final), dk from the output and the state (partial), dw, and the per-step
-    gradient of the cumulative gate from those terms (partial over K-blocks), for the HS heads from hb (h and dh
-    hold those)."""
+    """Per chunk and K-block: dq (final), dk from the output and the state (partial with DELTA, else final), dw
+    (DELTA), and the per-step gradient of the cumulative gate from those terms (partial over K-blocks), for the HS
+    heads from hb (h and dh hold those)."""
     i_k, i_c, i_hs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
@@ -376,18 +392,19 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     for i_v in range(tl.cdiv(V, BV)):
         p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         # h and dh stored [K, V]; loaded as [BV, BK] tiles through the strides
         p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         p_dht, m_dht = _tile(dh + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
-        b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
         b_ht = tl.load(p_ht, mask=m_ht, other=0.0)
         b_dht = tl.load(p_dht, mask=m_dht, other=0.0)
         b_dq += tl.dot(b_do, b_ht.to(b_do.dtype), input_precision=PREC)
         b_dk += tl.dot(b_vn, b_dht.to(b_vn.dtype), input_precision=PREC)
-        b_dw += tl.dot(b_dv, b_ht.to(b_dv.dtype), input_precision=PREC)
+        if DELTA:
+            p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+            b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
+            b_dw += tl.dot(b_dv, b_ht.to(b_dv.dtype), input_precision=PREC)
         # ds_ij = do_i.v_new_j and its transpose, both from loaded tiles
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)
         b_dst += tl.dot(b_vn, tl.trans(b_do), input_precision=PREC)
@@ -407,10 +424,11 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     p_dq, m_dq = _tile(dq + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     p_dk, m_dk = _tile(dk + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-    p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
-    tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
+    if DELTA:
+        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
     # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
     b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
     b_last = tl.sum(b_dgl, 0) * tl.exp(b_Gl) + tl.sum(b_k.to(tl.float32) * b_dk_state)
@@ -425,13 +443,34 @@ def chunk_delta_rule_bwd_kernel_wy(
     cu_seqlens, chunk_info, N, TT,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """Backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1; finishes dk, dv, dbeta, dg."""
+    """dg from the gate gradients of the other kernels (partial over K-blocks, dG) and, with DELTA, the backward
+    through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1, which finishes dk, dv, dbeta."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+    if DELTA:
+        b_dG = _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, H, K, V, BT, BK,
+                             BV, PREC)
+    else:
+        b_dG = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(NK):
+        b_dG += tl.load(dG + (i_k * TT + bos + o_t) * H + i_h, mask=m_t, other=0.0)
+    # g_t enters every G_i with i >= t of its chunk: reverse cumulative sum
+    b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
+    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+
+
+@triton.jit
+def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, H: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One chunk's backward through the WY form: writes dk, dv, dbeta; returns its part of the gate gradient."""
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -505,11 +544,7 @@ def chunk_delta_rule_bwd_kernel_wy(
         b_dk += tl.dot(b_Dtc, (b_k * b_beta[:, None]).to(b_k.dtype), input_precision=PREC)
         tl.store(p_dko, b_dk.to(p_dko.dtype.element_ty), mask=m_dko)
     tl.store(dbeta + (bos + o_t) * H + i_h, b_dbeta, mask=m_t)
-    for i_k in range(NK):
-        b_dG += tl.load(dG + (i_k * TT + bos + o_t) * H + i_h, mask=m_t, other=0.0)
-    # g_t enters every G_i with i >= t of its chunk: reverse cumulative sum
-    b_dg = tl.sum(tl.where(o_i[:, None] <= o_i[None, :], b_dG[None, :], 0.0), 1)
-    tl.store(dg + (bos + o_t) * H + i_h, b_dg, mask=m_t)
+    return b_dG
 
 
 def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
@@ -579,27 +614,33 @@ def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, B
 
 
 def _wy(k, v, beta, g, d: Dims, store_T: bool):
-    """Cumulative gates G, the WY keys w and values u, and (store_T) T = (I + A_kk)^-1 fp32 [1, TT, H, BT]."""
+    """Cumulative gates G and, with beta (the delta rule), the WY keys w and values u and (store_T) T = (I + A_kk)^-1
+    fp32 [1, TT, H, BT]; without beta (gated linear attention) w, u and T are None."""
     dev, dt = k.device, k.dtype
     G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    w = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-    u = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-    Ti = _empty(1, d.TT, d.H, d.BT, dtype=torch.float32, device=dev) if store_T else None
+    delta = beta is not None
+    w = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev) if delta else None
+    u = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if delta else None
+    Ti = _empty(1, d.TT, d.H, d.BT, dtype=torch.float32, device=dev) if store_T and delta else None
+    # absent tensors get a stand-in pointer that the kernel never touches
     chunk_delta_rule_fwd_kernel_wy[(d.NT, d.H)](
-        k, v, beta, g, G, w, u, Ti, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=d.BT, BK=d.BK, BV=d.BV,
-        PREC=dot_precision(k), PREC_BLOCK="ieee" if dt == torch.float32 else "tf32x3", LOG_BT=d.BT.bit_length() - 1,
-        STORE_T=store_T, **_launch("wy", dt),
+        k, v, beta if delta else g, g, G, w if delta else k, u if delta else v, k if Ti is None else Ti, d.cu, d.info,
+        d.N, H=d.H, K=d.K, V=d.V, BT=d.BT, BK=d.BK, BV=d.BV, PREC=dot_precision(k),
+        PREC_BLOCK="ieee" if dt == torch.float32 else "tf32x3", LOG_BT=d.BT.bit_length() - 1, STORE_T=Ti is not None,
+        DELTA=delta, **_launch("wy", dt),
     )
     return G, w, u, Ti
 
 
 def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> torch.Tensor:
-    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new (and ht)."""
+    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new = u - w h (and ht).
+    Without w (gated linear attention) u is v and nothing is written but h (and ht)."""
     h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
     BV, launch = _state_launch("h", k.dtype, d.KP, d.BV, d.V, d.N * HS, k.device)
     chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, BV), d.N * HS)](
-        k, w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT,
-        KP=d.KP, BV=BV, USE_H0=initial_state is not None, STORE_HT=ht is not None, PREC=dot_precision(k), **launch,
+        k, k if w is None else w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS,
+        K=d.K, V=d.V, BT=d.BT, KP=d.KP, BV=BV, USE_H0=initial_state is not None, STORE_HT=ht is not None,
+        PREC=dot_precision(k), DELTA=w is not None, **launch,
     )
     return h
 
@@ -614,14 +655,14 @@ def _state_heads(d: Dims, device: torch.device, BV: int) -> int:
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
                          BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
-    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given. `training`: also keep the scores A for
-    the backward, unless its dh kernel recomputes them."""
+    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given; beta None: gated linear attention (no
+    delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them."""
     d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
     G, w, u, _ = _wy(k, v, beta, g, d, store_T=False)
-    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if beta is not None else v
     ht = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if output_final_state else None
-    h = _states(k, w, u, G, v_new, initial_state, ht, d, 0, d.H)
+    h = _states(k, w, v if u is None else u, G, v_new, initial_state, ht, d, 0, d.H)
     del w, u  # the output kernel reads neither: their memory can go to o and A
     o = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     store_A = training and not _dh_launch(d, dt, dev)[2]
@@ -637,7 +678,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
                          BT: int = 64, BK: int = 64, BV: int = 64):
     """Recompute the forward's intermediates (all but o and the saved scores A, None when dh recomputes them); then
     per head group (see `_state_heads`) the states h, dh through the chunks and the per-chunk gradients of q, k, w;
-    then the WY backward.
+    then the WY backward (with beta) and the gate's. Without beta (gated linear attention) dbeta is None.
 
     Each recomputed intermediate is dropped after its last reader: the peak is at a group's dqkw kernel, which holds
     that group's h and dh."""
@@ -645,8 +686,10 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     dev, dt = q.device, q.dtype
     prec = dot_precision(q)
     NK = triton.cdiv(d.K, d.BK)
+    delta = beta is not None
     G, w, u, Ti = _wy(k, v, beta, g, d, store_T=True)
-    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if delta else v
+    # the gradient of v_new: without the delta correction, v's
     du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
     dq = dk = dw = dG = None
@@ -654,36 +697,43 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     HS = _state_heads(d, dev, BVS)
     for hb in range(0, d.H, HS):
         last = hb + HS == d.H
-        h = _states(k, w, u, G, v_new, initial_state, None, d, hb, HS)
+        h = _states(k, w, v if u is None else u, G, v_new, initial_state, None, d, hb, HS)
         if last:
             del u  # read by the state kernel only
         dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
         chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, BVS), d.N * HS)](
-            q, k, w, G, q if A is None else A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks, d.order, hb,
-            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS, USE_DHT=dht is not None, STORE_DH0=dh0 is not None,
-            RECOMPUTE_A=recompute_A, PREC=prec, **dh_launch,
+            q, k, q if w is None else w, G, q if A is None else A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks,
+            d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS, USE_DHT=dht is not None,
+            STORE_DH0=dh0 is not None, RECOMPUTE_A=recompute_A, PREC=prec, DELTA=delta, **dh_launch,
         )
         if last:
             del w
         if dq is None:
             # after the first group's dh: with one group, w and u are gone by now
             dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-            dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32, device=dev)
-            dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+            # dk: a partial sum that the WY backward completes, or (no delta correction) final
+            dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32 if delta else dt, device=dev)
+            dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev) if delta else None
             dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
         chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
-            q, k, v_new, h, do, dh, du, G, dq, dk, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb,
-            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, **_launch("dqkw", dt),
+            q, k, v_new, h, do, dh, du, G, dq, dk, dk if dw is None else dw, dG, scale, d.cu, d.info, d.N, d.TT, hb,
+            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, DELTA=delta, **_launch("dqkw", dt),
         )
         del h, dh
     del v_new
+    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    if not delta:
+        chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
+            k, v, g, G, G, dk, du, dk, dk, du, g, dG, dg, d.cu, d.info, d.N, d.TT,
+            H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, DELTA=False, **_launch("bwd_wy", dt),
+        )
+        return dq, dk, du, None, dg, dh0
     dk_out = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
     dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
     chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
         k, v, beta, G, Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, d.cu, d.info, d.N, d.TT,
-        H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, **_launch("bwd_wy", dt),
+        H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, DELTA=True, **_launch("bwd_wy", dt),
     )
     return dq, dk_out, dv, dbeta, dg, dh0
 
@@ -704,7 +754,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
             q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
             dht.contiguous() if dht is not None else None, A, *ctx.blocks,
         )
-        dbeta = dbeta.to(beta.dtype)
+        dbeta = dbeta.to(beta.dtype) if dbeta is not None else None
         dg = dg.to(g.dtype)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
         return dq, dk, dv, dbeta, dg, None, dh0, None, None, None
@@ -744,7 +794,7 @@ def chunk_delta_rule(
     Returns:
         o [B, T, H, V] in v's dtype, and the final state or None.
     """
-    B, T, H, K, V, _ = validate_delta_rule_inputs(q, k, v, beta, g, initial_state, cu_seqlens, check_inputs)
+    K = validate_delta_rule_inputs(q, k, v, beta, g, initial_state, cu_seqlens, check_inputs)[3]
     if not use_triton(q, backend):
         return torch_chunk_delta_rule(
             q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
@@ -756,14 +806,24 @@ def chunk_delta_rule(
     scale = K**-0.5 if scale is None else float(scale)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
+    return chunk_scalar_decay(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                              (chunk_size, block_k, block_v))
+
+
+def chunk_scalar_decay(q, k, v, beta, g, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+                       blocks: tuple[int, int, int] = (64, 64, 64)) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Triton kernels' entry for checked inputs `[B, T, H, D]`: the delta rule (beta [B, T, H]) or, with beta
+    None, gated linear attention with one log decay per head and step (the GLA family's scalar mode): the same state
+    kernels without the WY transform. g [B, T, H] or None (no decay). Returns (o [B, T, H, V], final state or None)."""
+    B, T, H, _ = q.shape
+    V = v.shape[-1]
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
-    q, k, v, beta = (x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v, beta))
+    q, k, v = (x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
+    beta = beta.reshape(1, B * T, H).contiguous() if beta is not None else None
     # plain DeltaNet runs as the gated rule with log decay 0: one kernel set (the ungated specialisation of the same
     # kernels came out wrong on the H100 at head dim 256, Triton 3.6, while the gated one matches the reference)
     g = g.reshape(1, B * T, H).contiguous() if g is not None else q.new_zeros(1, B * T, H, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, ht = ChunkDeltaRuleFunction.apply(
-        q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, (chunk_size, block_k, block_v)
-    )
+    o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, blocks)
     return o.reshape(B, T, H, V), ht

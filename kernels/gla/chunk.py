@@ -5,8 +5,8 @@ chunk start and scale folded into the intra-chunk scores A:
     o_i    = scale * (q_i * exp(G_i)) h + sum_{j<=i} A_ij v_j,   A_ij = scale * sum_c q_ic k_jc exp(G_ic - G_jc)
     h_next = exp(G_last) * h + sum_j (k_j * exp(G_last - G_j)) v_j^T
 A is built from sub-chunks of BC rows so that every exponent is <= 0: an off-diagonal block takes G at the first row
-of its query sub-chunk as reference, a diagonal block is summed pairwise. Scalar decay runs as a key-broadcast vector
-decay. The gate gradient uses the identity (per sequence, with global cumulative decays):
+of its query sub-chunk as reference, a diagonal block is summed pairwise. A scalar decay (one per head and step) runs
+on the delta rule's state kernels without their WY transform (`chunk_scalar_decay`). The gate gradient uses the identity (per sequence, with global cumulative decays):
     dg_t = sum_{s>=t} (q_s * dq_s - k_s * dk_s) + sum_v S_T * dS_T
 so it is one reverse cumulative sum over time of per-token terms plus the final-state term.
 
@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from linear_moe.kernels.common import dot_precision, use_triton
+from linear_moe.kernels.delta_rule.chunk import chunk_scalar_decay
 from linear_moe.kernels.gla.naive import torch_chunk_gla, validate_gla_inputs
 
 # Block sizes of the Triton path; tests monkeypatch this (or set LINEAR_MOE_GLA_BLOCKS="BK=32,BV=32") to vary them.
@@ -142,9 +143,9 @@ def _locate_seq(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: 
 def chunk_gla_fwd_kernel_cumsum(
     g, gc, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    SCALAR: tl.constexpr, IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
-    """gc [B, T, H, K] fp32: the gate's cumulative sum within each chunk (a scalar gate broadcast over K)."""
+    """gc [B, T, H, K] fp32: the gate's cumulative sum within each chunk."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
@@ -153,12 +154,8 @@ def chunk_gla_fwd_kernel_cumsum(
     o_t = i_t * BT + tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_t = o_t < T_n
-    if SCALAR:
-        b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0).to(tl.float32)
-        b_g = tl.cumsum(b_g, 0)[:, None] + tl.zeros([BT, BK], dtype=tl.float32)
-    else:
-        p_g, mp_g = _bp(g + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        b_g = tl.cumsum(tl.load(p_g, mask=mp_g, other=0).to(tl.float32), 0)
+    p_g, mp_g = _bp(g + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    b_g = tl.cumsum(tl.load(p_g, mask=mp_g, other=0).to(tl.float32), 0)
     p_o = gc + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_o, b_g, mask=m_t[:, None] & (o_k[None, :] < K))
 
@@ -582,7 +579,7 @@ def _gate_cumsum(g, B, T, H, K, cu_seqlens, chunk_indices, NT_grid, bs):
     BK = bs["BK"]
     grid = (triton.cdiv(K, BK), NT_grid, B * H)
     chunk_gla_fwd_kernel_cumsum[grid](
-        g, gc, cu_seqlens, chunk_indices, T, H=H, K=K, BT=bs["BT"], BK=BK, SCALAR=g.dim() == 3,
+        g, gc, cu_seqlens, chunk_indices, T, H=H, K=K, BT=bs["BT"], BK=BK,
         IS_VARLEN=cu_seqlens is not None, num_warps=_num_warps(4),
     )
     return gc
@@ -703,6 +700,7 @@ def gate_grad(dgt, ht, dht, g, cu_seqlens, bs=None):
         dgt.contiguous(), dg_last if dg_last is not None else dgt, dg, cu_seqlens, chunk_offsets, T, H=H, K=K, BT=BT,
         BK=BK, USE_DG_LAST=dg_last is not None, IS_VARLEN=cu_seqlens is not None, num_warps=_num_warps(4),
     )
+    # a scalar gate (the fused recurrent kernels' backward) is broadcast over K: its gradient sums over K
     return (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
 
 
@@ -762,4 +760,8 @@ def chunk_gla(
     if not use_triton(q, backend):
         return torch_chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if g is not None and g.dim() == 3:
+        # one decay per head and step: the delta rule's state kernels without its WY transform (no per-channel
+        # decay to carry through the chunk's products)
+        return chunk_scalar_decay(q, k, v, None, g, scale, initial_state, output_final_state, cu_seqlens)
     return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

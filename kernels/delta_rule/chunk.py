@@ -79,10 +79,14 @@ def _state_launch(name: str, dtype: torch.dtype, KP: int, BV: int, V: int, rows:
     return min(BV, bv), {"num_warps": warps, "num_stages": stages}
 
 
-def _dh_launch(d: Dims, dtype: torch.dtype, device: torch.device) -> tuple[int, dict[str, int], bool]:
+def _dh_launch(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) -> tuple[int, dict[str, int], bool]:
     """The dh kernel's V-block and launch (chosen over all heads; the head groups keep it), and whether it recomputes
-    the q.k scores (see STATE_LAUNCH): the forward then need not keep them."""
-    BV, launch = _state_launch("dh", dtype, d.KP, d.BV, d.V, d.N * d.H, device)
+    the q.k scores (see STATE_LAUNCH): the forward then need not keep them.
+
+    Without the delta correction dh always takes the last option: at K = 256 its one-stage form reading the scores
+    faulted on the H100 (illegal address, Triton 3.6, B8 and B16 x T2048 x H4), while the two-stage one that
+    recomputes them matched the reference (the delta rule's one-stage form does)."""
+    BV, launch = _state_launch("dh", dtype, d.KP, d.BV, d.V, d.N * d.H if delta else 0, device)
     return BV, launch, launch["num_stages"] > 1 and d.KP > DH_RECOMPUTE_ABOVE_K
 
 
@@ -665,7 +669,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     h = _states(k, w, v if u is None else u, G, v_new, initial_state, ht, d, 0, d.H)
     del w, u  # the output kernel reads neither: their memory can go to o and A
     o = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-    store_A = training and not _dh_launch(d, dt, dev)[2]
+    store_A = training and not _dh_launch(d, dt, dev, beta is not None)[2]
     A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if store_A else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(d.V, d.BV), d.NT, d.H)](
         q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
@@ -693,7 +697,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
     dq = dk = dw = dG = None
-    BVS, dh_launch, recompute_A = _dh_launch(d, dt, dev)
+    BVS, dh_launch, recompute_A = _dh_launch(d, dt, dev, delta)
     HS = _state_heads(d, dev, BVS)
     for hb in range(0, d.H, HS):
         last = hb + HS == d.H

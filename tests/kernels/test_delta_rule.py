@@ -112,21 +112,23 @@ def test_chunk_triton_state_head_groups(monkeypatch, heads_per_group):
     compare(run(chunk_delta_rule, inputs, backend="triton", block_k=16, block_v=16), ref, 1e-5)
 
 
-@pytest.mark.parametrize("rows,dtype,h,dh,recompute", [
-    (64, torch.bfloat16, (64, 2), (32, 1), False),   # B16 x H4: programs for every SM at the widest options
-    (16, torch.bfloat16, (32, 2), (32, 2), True),    # B4 x H4: too few programs, the fallbacks (dh recomputes)
-    (16, torch.float32, (32, 1), (32, 1), False),    # fp32 tiles: one stage, so dh reads the scores
+@pytest.mark.parametrize("rows,dtype,delta,h,dh,recompute", [
+    (64, torch.bfloat16, True, (64, 2), (32, 1), False),   # B16 x H4: programs for every SM at the widest options
+    (16, torch.bfloat16, True, (32, 2), (32, 2), True),    # B4 x H4: too few programs, the fallbacks (dh recomputes)
+    (16, torch.float32, True, (32, 1), (32, 1), False),    # fp32 tiles: one stage, so dh reads the scores
+    (64, torch.bfloat16, False, (64, 2), (32, 2), True),   # no delta correction: dh always takes the last option
 ])
-def test_state_launch_rule(monkeypatch, rows, dtype, h, dh, recompute):
+def test_state_launch_rule(monkeypatch, rows, dtype, delta, h, dh, recompute):
     """The state kernels' (V-block, stages) at K = V = 256 on a 132-SM card: the first STATE_LAUNCH option that gives
-    every SM a program, else the last; dh recomputes the forward's scores exactly when it runs in two stages."""
+    every SM a program, else the last (dh without the delta correction: the last); dh recomputes the forward's scores
+    exactly when it runs in two stages."""
     monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
     dev = torch.device("cpu")
     got_h = chunk_mod._state_launch("h", dtype, 256, 64, 256, rows, dev)
     assert (got_h[0], got_h[1]["num_stages"]) == h
     d = chunk_mod._dims(torch.zeros(1, 64, rows // 4, 256), torch.zeros(1, 64, rows // 4, 256),
                         torch.arange(5) * 16, 64, 64, 64)
-    bv, launch, recomputes = chunk_mod._dh_launch(d, dtype, dev)
+    bv, launch, recomputes = chunk_mod._dh_launch(d, dtype, dev, delta)
     assert (bv, launch["num_stages"], recomputes) == (*dh, recompute)
 
 
@@ -348,7 +350,7 @@ def test_gpu_chunk_bf16_state_head_groups(monkeypatch):
     cu[5] = cu[4]  # an empty segment
     inputs = make_inputs(1, 8192, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda", N=40)
     d = chunk_mod._dims(inputs[1], inputs[2], cu, 64, 64, 64)
-    bv = chunk_mod._dh_launch(d, torch.bfloat16, torch.device("cuda"))[0]
+    bv = chunk_mod._dh_launch(d, torch.bfloat16, torch.device("cuda"), True)[0]
     assert chunk_mod._state_heads(d, torch.device("cuda"), bv) == 1
     ref = _gpu_reference(inputs, cu_seqlens=cu, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)

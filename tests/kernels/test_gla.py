@@ -232,6 +232,17 @@ def test_gpu_bf16_full_shape(mode, blocks, monkeypatch):
 
 
 @pytest.mark.gpu
+def test_gpu_bf16_scalar_many_sequences():
+    """Scalar decay at B8 x T2048 x H4 x D256, enough programs for the state kernels' first launch options (the
+    delta rule's kernels without the WY transform; dh's one-stage form faulted there, see `_dh_launch`)."""
+    B, T, H, D = 8, 2048, 4, 256
+    q, k, v, g, h0, do, dht = make_inputs("scalar", B, T, H, D, D, device="cuda")
+    q, k, v, do = (x.bfloat16() for x in (q, k, v, do))
+    ref = run(torch_chunk_gla, q.float(), k.float(), v.float(), g, h0, do.float(), dht)
+    _check_gpu(run(chunk_gla, q, k, v, g, h0, do, dht), ref, "chunk scalar B8")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_bf16_varlen(mode):
     cu = torch.tensor([0, 1000, 1000, 3000, 3001, 4096], device="cuda")

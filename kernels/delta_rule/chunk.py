@@ -172,23 +172,22 @@ def chunk_delta_rule_fwd_kernel_wy(
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
+    if DELTA:
+        b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_g = tl.load(g + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_G = tl.cumsum(b_g, 0)
     tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
     if DELTA:
-        _wy_chunk(k, v, beta, w, u, Ti, b_G, bos, T, i_t, i_h, H, K, V, BT, BK, BV, PREC, PREC_BLOCK, LOG_BT,
+        _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H, K, V, BT, BK, BV, PREC, PREC_BLOCK, LOG_BT,
                   STORE_T)
 
 
 @triton.jit
-def _wy_chunk(k, v, beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_BLOCK: tl.constexpr,
               LOG_BT: tl.constexpr, STORE_T: tl.constexpr):
     """w = T (beta gamma k) and u = T (beta v) of one chunk, T = (I + A)^-1 (stored with STORE_T)."""
     o_i = tl.arange(0, BT)
-    o_t = i_t * BT + o_i
-    m_t = o_t < T
-    b_beta = tl.load(beta + (bos + o_t) * H + i_h, mask=m_t, other=0.0).to(tl.float32)
     # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -248,11 +247,14 @@ def chunk_delta_rule_fwd_kernel_h(
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
         p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
-        b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
+        # the delta rule's loads and products in the order its kernel has always had them (the state kernels are
+        # sensitive to it on the H100 with Triton 3.6, see chunk_delta_rule_bwd_kernel_dh)
         if DELTA:
             p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
-            p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
             b_w = tl.load(p_w, mask=m_w, other=0.0)
+        b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
+        if DELTA:
+            p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
             b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
             tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
         b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
@@ -359,11 +361,14 @@ def chunk_delta_rule_bwd_kernel_dh(
         b_kdec = tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)
         b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PREC) * b_kdec[:, None]
         tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), mask=m_dv)
-        b_dh *= tl.exp(b_Gl)
-        b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
+        # w's tile is loaded before the state update, as the delta rule's kernel always did: with the load after it,
+        # the one-stage form reading the scores at K = 256 went wrong on the H100 (Triton 3.6)
         if DELTA:
             p_wt, m_wt = _tile(w + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
             b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
+        b_dh *= tl.exp(b_Gl)
+        b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
+        if DELTA:
             b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PREC)
     if STORE_DH0:
         p_dh0, m_dh0 = _tile(dh0 + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
@@ -401,13 +406,14 @@ def chunk_delta_rule_bwd_kernel_dqkw(
         p_dht, m_dht = _tile(dh + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
         b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
+        if DELTA:
+            p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+            b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
         b_ht = tl.load(p_ht, mask=m_ht, other=0.0)
         b_dht = tl.load(p_dht, mask=m_dht, other=0.0)
         b_dq += tl.dot(b_do, b_ht.to(b_do.dtype), input_precision=PREC)
         b_dk += tl.dot(b_vn, b_dht.to(b_vn.dtype), input_precision=PREC)
         if DELTA:
-            p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-            b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
             b_dw += tl.dot(b_dv, b_ht.to(b_dv.dtype), input_precision=PREC)
         # ds_ij = do_i.v_new_j and its transpose, both from loaded tiles
         b_ds += tl.dot(b_do, tl.trans(b_vn), input_precision=PREC)

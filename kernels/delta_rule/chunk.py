@@ -8,10 +8,12 @@ entering the chunk, q already scaled:
 
 Every sequence layout is handled as varlen: a dense [B, T] batch is [1, B*T] with offsets 0, T, 2T, ... Kernels that
 work per chunk run over an upper bound of chunks and read their (sequence, chunk) from a device-side table, so the
-varlen path has no host sync. Plain DeltaNet is the gated rule with G = 0. Hopper notes (Triton 3.4-3.7.0
-miscompiles): no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot` (transposed products are
-recomputed from loaded tiles, or read transposed from memory); and there is one kernel set, the gated one, because
-the ungated specialisation came out wrong on an H100 at head dim 256.
+varlen path has no host sync. Plain DeltaNet is the gated rule with G = 0. Without beta (`chunk_scalar_decay`, the
+GLA family's scalar decay) the same kernels skip the WY transform: u = v, w = 0 (constexpr DELTA). Hopper notes
+(Triton 3.4-3.7.0 miscompiles): no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot` (transposed
+products are recomputed from loaded tiles, or read transposed from memory); there is one kernel set for gated and
+plain DeltaNet, the gated one, because the ungated specialisation came out wrong on an H100 at head dim 256; and the
+state kernels keep their loads in the order the H100 tests passed with (see `chunk_delta_rule_bwd_kernel_dh`).
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@
 #   dual   (2 GPUs) the 340M recipe's 1-GPU, TP2 and CP2 training runs (benchmarks/scale_run.sh) on both, then the
 #          tests on GPU 1 alongside the benchmarks on GPU 0 (TEST_GPUS=0,1 with no benchmark: the tests' xdist
 #          workers spread over both)
-# A device call is limited to 10 minutes; fla's first calls autotune for minutes. TEST_TIMEOUT / BENCH_TIMEOUT /
+# A device call is limited to 10 minutes; fla's first calls autotune for minutes (fla_cache.py saves and reuses
+# its choices: FLA_DUMP_DIR, FLA_CONFIG_DIR). TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
 # runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
 set -uo pipefail

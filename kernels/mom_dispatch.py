@@ -6,11 +6,12 @@ Per head, a token's projection has a dense part that every token needs and a rou
     routed  yr: k K, v V, a 1, [beta 1] of one routed memory                     DM columns per head
 
 `project` computes xd with one GEMM over all tokens and the routed rows with ONE grouped GEMM over the N * k routed
-(token, memory) pairs only, sorted by memory (torch's grouped GEMM: offsets on the device, no host sync, no padding).
-That is k / M of the routed FLOPs of projecting every token for every memory. The gathered hidden rows are not kept
-for the backward: it gathers them again. Where the grouped GEMM would need a host sync (CUDA dtypes other than bf16,
-GPUs other than sm90 / sm100, torch < 2.10) every token is projected for every memory instead (rows n * M + m), the
-same dispatch reading the rows it needs.
+(token, memory) pairs only, sorted by memory (torch's grouped GEMM: offsets on the device, no host sync, no group
+padded to a common length; only a row's width is padded to 16 bytes). That is k / M of the routed FLOPs of
+projecting every token for every memory. The gathered hidden rows are not kept for the backward: it gathers them
+again. Where the grouped GEMM would need a host sync (CUDA dtypes other than bf16, GPUs other than sm90 / sm100,
+torch < 2.10) every token is projected for every memory instead (rows n * M + m), the same dispatch reading the rows
+it needs.
 
 `dispatch` then copies the pieces into the packed slots: slot s = slot_of[n, j] of token n's j-th memory gets
 

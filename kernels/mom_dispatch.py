@@ -156,8 +156,7 @@ class DispatchFunction(torch.autograd.Function):
         # absent outputs get a stand-in pointer that the kernel never touches
         dispatch_fwd_kernel[(N, H)](xd, yr, slot_of, row_of, xd if gate is None else gate, q, k, v, a,
                                     xd if beta is None else beta, H, xd.numel() // (N * H), yr.shape[1], K=K, V=V,
-                                    G=G, DM=DM,
-                                    KR=KR, SHARED=KP - KR, HAS_BETA=has_beta, **_blocks(K, V, G))
+                                    G=G, DM=DM, KR=KR, SHARED=KP - KR, HAS_BETA=has_beta, **_blocks(K, V, G))
         ctx.save_for_backward(slot_of, row_of)
         ctx.dims = (xd.shape, yr_shape, xd.dtype, H, K, V, G, has_beta)
         # unused outputs (beta of a layer without it, ...) give None, read as zeros by the kernel: no zero tensors
@@ -179,7 +178,8 @@ class DispatchFunction(torch.autograd.Function):
             dyr = torch.zeros(R, YS, dtype=dtype, device=slot_of.device)
         else:
             dyr = torch.empty(R, YS, dtype=dtype, device=slot_of.device)
-            dyr[:, H * DM:] = 0
+            if YS > H * DM:
+                dyr[:, H * DM:] = 0
         grads = [dgate, dq, dk, dv, da, dbeta]
         dispatch_bwd_kernel[(N, H)](slot_of, row_of, *(dxd if t is None else t.contiguous() for t in grads), dxd,
                                     dyr, H, dxd.numel() // (N * H), YS, K=K, V=V, G=G, DM=DM, KR=KR,
@@ -211,10 +211,10 @@ def naive_dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, ro
 def dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, row_of: torch.Tensor, *, heads: int,
              k_dim: int, v_dim: int, has_gate: bool, has_beta: bool, backend: str | None = None) -> DispatchedTokens:
     """xd [N, H * UD] or [N, H, UD] dense projections (q K, [gate V], then the shared memory's k K, v V, a 1, [beta 1]
-    when there is one), yr [R, H * DM] routed rows (k K, v V, a 1, [beta 1]; 2-D rows may end in padding); slot_of [N, k'] the packed slot of token
-    n's j-th memory (a permutation of the S = N * k' slots; with a shared memory its column is the last); row_of
-    [N, k] the yr row of token n's j-th routed memory -> DispatchedTokens(gate [N, H, V] | None, q [S, H, K],
-    k [S, H, K], v [S, H, V], a [S, H], beta [S, H] | None).
+    when there is one), yr [R, H * DM] routed rows (k K, v V, a 1, [beta 1]; 2-D rows may end in padding); slot_of
+    [N, k'] the packed slot of token n's j-th memory (a permutation of the S = N * k' slots; with a shared memory its
+    column is the last); row_of [N, k] the yr row of token n's j-th routed memory -> DispatchedTokens(gate [N, H, V]
+    | None, q [S, H, K], k [S, H, K], v [S, H, V], a [S, H], beta [S, H] | None).
     """
     K, V, G = k_dim, v_dim, v_dim if has_gate else 0
     dm = K + V + 1 + int(has_beta)
@@ -224,9 +224,10 @@ def dispatch(xd: torch.Tensor, yr: torch.Tensor, slot_of: torch.Tensor, row_of: 
     if (slot_of.dim() != 2 or row_of.dim() != 2 or row_of.shape[0] != N or shared not in (0, 1)
             or xd.dim() not in (2, 3) or xd.shape[0] != N or tuple(xd.shape[1:]) not in ((heads * ud,), (heads, ud))
             or not (yr.dim() == 2 and yr.shape[1] >= heads * dm or yr.dim() == 3 and yr.shape[1:] == (heads, dm))):
-        raise ValueError(f"dispatch takes xd [N, H * {ud}] and yr [R, H * {dm} (+ padding)] with H={heads} (K={K}, V={V}, "
-                         f"gate={has_gate}, beta={has_beta}), slot_of [N, k'] and row_of [N, k] with k' = k or k + 1, "
-                         f"got {tuple(xd.shape)}, {tuple(yr.shape)}, {tuple(slot_of.shape)}, {tuple(row_of.shape)}")
+        raise ValueError(f"dispatch takes xd [N, H * {ud}] and yr [R, H * {dm} (+ padding)] with H={heads} (K={K}, "
+                         f"V={V}, gate={has_gate}, beta={has_beta}), slot_of [N, k'] and row_of [N, k] with k' = k or "
+                         f"k + 1, got {tuple(xd.shape)}, {tuple(yr.shape)}, {tuple(slot_of.shape)}, "
+                         f"{tuple(row_of.shape)}")
     if use_triton(xd, backend):
         return DispatchedTokens(*DispatchFunction.apply(xd, yr, slot_of, row_of, heads, K, V, G, has_beta))
     return naive_dispatch(xd, yr, slot_of, row_of, heads=heads, k_dim=K, v_dim=V, has_gate=has_gate,
@@ -284,7 +285,6 @@ class ProjectFunction(torch.autograd.Function):
         lay = ctx.lay
         N, h = x.shape
         H, M, dm = lay.heads, lay.routed, lay.dm
-        w_dense, w_routed = _split(weight, lay)
         dxd, dyr = dxd.contiguous(), dyr.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[1]:
@@ -303,6 +303,7 @@ class ProjectFunction(torch.autograd.Function):
             dw[:, lay.lead:end] = d_routed[:, :H * dm].view(M, H, dm, h).transpose(0, 1).reshape(H, M * dm, h)
             dw = dw.view_as(weight)
         if ctx.needs_input_grad[0]:
+            w_dense, w_routed = _split(weight, lay)
             if src is not None:
                 drows = F.grouped_mm(dyr, w_routed, offs=offs)
                 ones = torch.ones(row_of.shape, dtype=torch.float32, device=x.device)

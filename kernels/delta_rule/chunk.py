@@ -735,6 +735,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     del v_new
     dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
     if not delta:
+        # only dg: the WY tensors' places take stand-in pointers that this variant never touches
         chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
             k, v, g, G, G, dk, du, dk, dk, du, g, dG, dg, d.cu, d.info, d.N, d.TT,
             H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, DELTA=False, **_launch("bwd_wy", dt),

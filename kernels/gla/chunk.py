@@ -6,7 +6,8 @@ chunk start and scale folded into the intra-chunk scores A:
     h_next = exp(G_last) * h + sum_j (k_j * exp(G_last - G_j)) v_j^T
 A is built from sub-chunks of BC rows so that every exponent is <= 0: an off-diagonal block takes G at the first row
 of its query sub-chunk as reference, a diagonal block is summed pairwise. A scalar decay (one per head and step) runs
-on the delta rule's state kernels without their WY transform (`chunk_scalar_decay`). The gate gradient uses the identity (per sequence, with global cumulative decays):
+on the delta rule's state kernels without their WY transform (`chunk_scalar_decay`). The gate gradient uses the
+identity (per sequence, with global cumulative decays):
     dg_t = sum_{s>=t} (q_s * dq_s - k_s * dk_s) + sum_v S_T * dS_T
 so it is one reverse cumulative sum over time of per-token terms plus the final-state term.
 

@@ -137,7 +137,8 @@ def unit_width(K, V, gate, beta, M, shared):
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every-memory"])
-@pytest.mark.parametrize("kp,shared,gate,beta,backend", [(3, True, True, True, "torch"), (2, False, False, True, "torch"),
+@pytest.mark.parametrize("kp,shared,gate,beta,backend", [(3, True, True, True, "torch"),
+                                                        (2, False, False, True, "torch"),
                                                         (3, True, True, False, "triton")],
                          ids=["k2-shared-gate-beta", "k2-noshared-beta", "k2-shared-gate-nobeta-triton"])
 def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backend, monkeypatch, poisoned_empty):

@@ -108,30 +108,31 @@ def _tile(base, R, C, sr, sc, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(b_A, BT: tl.constexpr, LOG_BT: tl.constexpr, PREC: tl.constexpr, PREC_BLOCK: tl.constexpr):
-    """(I + A)^-1 for strictly lower A [BT, BT] in fp32, by blocks (no row-by-row loop):
+def _merge_level(b_T, b_A, o_i, lvl: tl.constexpr, PREC: tl.constexpr):
+    """D, the inverse of (I + A)'s block diagonal at block size s = 2^lvl, to that at 2s: D - D L D, where L is A's
+    lower-left s x s block inside each 2s block ((D L)^2 = 0)."""
+    pair = (o_i[:, None] // (2 << lvl)) == (o_i[None, :] // (2 << lvl))
+    lower_left = ((o_i[:, None] // (1 << lvl)) % 2 == 1) & ((o_i[None, :] // (1 << lvl)) % 2 == 0)
+    b_L = tl.where(pair & lower_left, b_A, 0.0)
+    return b_T - tl.dot(tl.dot(b_T, b_L, input_precision=PREC), b_T, input_precision=PREC)
 
-    1. the 16 x 16 diagonal blocks: with N = -A on them (nilpotent of order 16), (I - N)^-1 = (I + N)(I + N^2)
-       (I + N^4)(I + N^8), three doublings at PREC_BLOCK (~fp32);
-    2. merges: D, the inverse of the block diagonal at block size s, gives that at 2s as D - D L D, where L is A's
-       lower-left s x s block inside each 2s block ((D L)^2 = 0), up to BT.
-    Powers of N over a whole chunk would not do: with correlated keys (a short conv makes neighbours alike) their
-    entries grow like binomial coefficients (~1e17 at BT = 64) while the inverse stays O(1), and the cancellation
-    loses every digit even in fp32. Within 16 steps the growth is at most C(15, 7) = 6435, and the merges only
-    multiply O(1) matrices."""
+
+@triton.jit
+def _unit_lower_inverse(b_A, BT: tl.constexpr, LOG_BT: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 for strictly lower A [BT, BT] in fp32, by blocks (no row-by-row loop): the inverse of the block
+    diagonal at block size 2 needs no product ([[1, 0], [a, 1]] inverts to [[1, 0], [-a, 1]]); `_merge_level`
+    doubles the block size up to BT, two products a level.
+
+    Powers of A would take fewer levels but lose every digit: with correlated keys (a short conv makes neighbours
+    alike) their entries grow like binomial coefficients (C(15, 7) = 6435 within 16 steps, ~1e17 at BT = 64) while
+    the inverse stays O(1). The merges only multiply O(1) matrices, so tf32 products are as accurate as three-pass
+    ones on powers within 16-row blocks were (the scheme before 2026-11-26, 37% slower at H16 x D128 on the H100:
+    fp32 reference errors equal to three digits)."""
     o_i = tl.arange(0, BT)
-    blk = (o_i[:, None] // 16) == (o_i[None, :] // 16)
-    b_P = tl.where(blk, -b_A, 0.0)
-    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0) + b_P
-    for _ in tl.static_range(3):
-        b_P = tl.dot(b_P, b_P, input_precision=PREC_BLOCK)
-        b_T += tl.dot(b_T, b_P, input_precision=PREC_BLOCK)
-    for lvl in tl.static_range(LOG_BT - 4):
-        # blocks of s = 16 << lvl rows merge into blocks of 2s
-        pair = (o_i[:, None] // (32 << lvl)) == (o_i[None, :] // (32 << lvl))
-        lower_left = ((o_i[:, None] // (16 << lvl)) % 2 == 1) & ((o_i[None, :] // (16 << lvl)) % 2 == 0)
-        b_L = tl.where(pair & lower_left, b_A, 0.0)
-        b_T -= tl.dot(tl.dot(b_T, b_L, input_precision=PREC), b_T, input_precision=PREC)
+    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    b_T -= tl.where((o_i[:, None] % 2 == 1) & (o_i[None, :] == o_i[:, None] - 1), b_A, 0.0)
+    for lvl in tl.static_range(1, LOG_BT):
+        b_T = _merge_level(b_T, b_A, o_i, lvl, PREC)
     return b_T
 
 
@@ -160,14 +161,16 @@ def _load_gates(G, bos, T, i_t, i_h, H: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def chunk_delta_rule_fwd_kernel_wy(
     k, v, beta, g, G, w, u, Ti,
-    cu_seqlens, chunk_info, N,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, chunk_info, N, hb,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, PREC_BLOCK: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr, DELTA: tl.constexpr,
+    PREC: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """The cumulative gates G per chunk, and (DELTA) w, u; with STORE_T also T = (I + A)^-1 (fp32 [TT, H, BT]) for
-    the backward's WY kernel, which reads it and its transpose from memory."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """For the HS heads from hb: the cumulative gates G per chunk, and (DELTA) w, u; with STORE_T also
+    T = (I + A)^-1 (fp32) for the backward's WY kernel, which reads it and its transpose from memory. w, u and T are
+    the head group's own [1, TT, HS, .] tensors."""
+    i_c, i_hs = tl.program_id(0), tl.program_id(1)
+    i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
@@ -180,15 +183,16 @@ def chunk_delta_rule_fwd_kernel_wy(
     b_G = tl.cumsum(b_g, 0)
     tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
     if DELTA:
-        _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H, K, V, BT, BK, BV, PREC, PREC_BLOCK, LOG_BT,
+        _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H, HS, K, V, BT, BK, BV, PREC, LOG_BT,
                   STORE_T)
 
 
 @triton.jit
-def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, PREC_BLOCK: tl.constexpr,
-              LOG_BT: tl.constexpr, STORE_T: tl.constexpr):
-    """w = T (beta gamma k) and u = T (beta v) of one chunk, T = (I + A)^-1 (stored with STORE_T)."""
+def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H: tl.constexpr, HS: tl.constexpr,
+              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              PREC: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr):
+    """w = T (beta gamma k) and u = T (beta v) of one chunk of head i_h, T = (I + A)^-1 (stored with STORE_T); w, u
+    and T in the head group's layout (head i_hs of HS)."""
     o_i = tl.arange(0, BT)
     # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -198,22 +202,22 @@ def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K:
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_strict = o_i[:, None] > o_i[None, :]
     b_A = tl.where(m_strict, b_A * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
-    b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC, PREC_BLOCK)
+    b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
     if STORE_T:
-        p_T, m_T = _tile(Ti + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
+        p_T, m_T = _tile(Ti + (bos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
         tl.store(p_T, b_T, mask=m_T)
     b_Tc = b_T.to(k.dtype.element_ty)
     b_bg = b_beta * tl.exp(b_G)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_w, m_w = _tile(w + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
         b_w = tl.dot(b_Tc, b_kb, input_precision=PREC)
         tl.store(p_w, b_w.to(p_w.dtype.element_ty), mask=m_w)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_u, m_u = _tile(u + (bos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0)
         b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
         b_u = tl.dot(b_Tc, b_vb, input_precision=PREC)
@@ -223,16 +227,18 @@ def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, H: tl.constexpr, K:
 @triton.jit
 def chunk_delta_rule_fwd_kernel_h(
     k, w, u, G, h, v_new, h0, ht,
-    cu_seqlens, cu_chunks, order, hb,
-    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, cu_chunks, order, hb, vb,
+    H: tl.constexpr, HS: tl.constexpr, VH: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
     """The states entering each chunk, h [NT, HS, K, V], and (DELTA) v_new = u - w h, for the HS heads hb, hb + 1,
-    ... (a head group); programs take the sequences in `order` (longest first). Without DELTA, u is v (no w)."""
+    ... (a head group); programs take the sequences in `order` (longest first). w is the group's [1, TT, HS, K]; u and
+    v_new have VH heads, the group's (VH = HS, vb = 0) or, without DELTA (u is v, no w), all (VH = H, vb = hb)."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
+    i_hv = vb + i_hs
     i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
@@ -247,16 +253,16 @@ def chunk_delta_rule_fwd_kernel_h(
     for i_t in range(NT):
         p_h, m_h = _tile(h + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        p_u, m_u = _tile(u + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_u, m_u = _tile(u + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
         # the delta rule's loads and products in the order its kernel has always had them (the state kernels are
         # sensitive to it on the H100 with Triton 3.6, see chunk_delta_rule_bwd_kernel_dh)
         if DELTA:
-            p_w, m_w = _tile(w + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
+            p_w, m_w = _tile(w + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, 0, BT, KP)
             b_w = tl.load(p_w, mask=m_w, other=0.0)
         b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
         if DELTA:
-            p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+            p_vn, m_vn = _tile(v_new + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
             b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
             tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
         b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
@@ -314,17 +320,19 @@ def chunk_delta_rule_fwd_kernel_o(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dh(
     q, k, w, G, A, do, dv, dh, dht, dh0, scale,
-    cu_seqlens, cu_chunks, order, hb,
-    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, cu_chunks, order, hb, vb,
+    H: tl.constexpr, HS: tl.constexpr, VH: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, RECOMPUTE_A: tl.constexpr, PREC: tl.constexpr,
     DELTA: tl.constexpr,
 ):
     """Backward over chunks: dv (gradient of v_new, all of it; v's without DELTA) per chunk, and dh (of the state
-    after each chunk, [NT, HS, K, V]), for the HS heads from hb, sequences in `order`."""
+    after each chunk, [NT, HS, K, V]), for the HS heads from hb, sequences in `order`. w is the group's; dv has VH
+    heads, from vb (see the h kernel)."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
+    i_hv = vb + i_hs
     i_nh = n * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
@@ -343,7 +351,7 @@ def chunk_delta_rule_bwd_kernel_dh(
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_qt, m_qt = _tile(q + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_dv, m_dv = _tile(dv + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_qt = tl.load(p_qt, mask=m_qt, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
@@ -366,7 +374,7 @@ def chunk_delta_rule_bwd_kernel_dh(
         # w's tile is loaded before the state update, as the delta rule's kernel always did: with the load after it,
         # the one-stage form reading the scores at K = 256 went wrong on the H100 (Triton 3.6)
         if DELTA:
-            p_wt, m_wt = _tile(w + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+            p_wt, m_wt = _tile(w + (bos * HS + i_hs) * K, K, T, 1, HS * K, 0, i_t * BT, KP, BT)
             b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
         b_dh *= tl.exp(b_Gl)
         b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
@@ -380,16 +388,18 @@ def chunk_delta_rule_bwd_kernel_dh(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_dqkw(
     q, k, v_new, h, do, dh, dv, G, dq, dk, dw, dG, scale,
-    cu_seqlens, chunk_info, N, TT, hb,
-    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, chunk_info, N, TT, hb, vb,
+    H: tl.constexpr, HS: tl.constexpr, VH: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
     """Per chunk and K-block: dq (final), dk from the output and the state (partial with DELTA, else final), dw
     (DELTA), and the per-step gradient of the cumulative gate from those terms (partial over K-blocks), for the HS
-    heads from hb (h and dh hold those)."""
+    heads from hb (h and dh hold those). dw is the group's; v_new, dv and dk have VH heads, from vb (see the h
+    kernel)."""
     i_k, i_c, i_hs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = hb + i_hs
+    i_hv = vb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
@@ -401,7 +411,7 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     b_dst = tl.zeros([BT, BT], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_vn, m_vn = _tile(v_new + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         # h and dh stored [K, V]; loaded as [BV, BK] tiles through the strides
         p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
@@ -409,7 +419,7 @@ def chunk_delta_rule_bwd_kernel_dqkw(
         b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
         if DELTA:
-            p_dv, m_dv = _tile(dv + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+            p_dv, m_dv = _tile(dv + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
             b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
         b_ht = tl.load(p_ht, mask=m_ht, other=0.0)
         b_dht = tl.load(p_dht, mask=m_dht, other=0.0)
@@ -435,11 +445,11 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     b_dk_state = b_dk
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     p_dq, m_dq = _tile(dq + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-    p_dk, m_dk = _tile(dk + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+    p_dk, m_dk = _tile(dk + (bos * VH + i_hv) * K, T, K, VH * K, 1, i_t * BT, i_k * BK, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
     if DELTA:
-        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
     # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
     b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
@@ -452,14 +462,16 @@ def chunk_delta_rule_bwd_kernel_dqkw(
 @triton.jit
 def chunk_delta_rule_bwd_kernel_wy(
     k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, dG, dg,
-    cu_seqlens, chunk_info, N, TT,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    cu_seqlens, chunk_info, N, TT, hb,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
     PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
-    """dg from the gate gradients of the other kernels (partial over K-blocks, dG) and, with DELTA, the backward
-    through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1, which finishes dk, dv, dbeta."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """For the HS heads from hb: dg from the gate gradients of the other kernels (partial over K-blocks, dG) and,
+    with DELTA, the backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1, which finishes dk, dv,
+    dbeta. T, dw, du and dk's partial sum are the head group's [1, TT, HS, .] tensors."""
+    i_c, i_hs = tl.program_id(0), tl.program_id(1)
+    i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
@@ -467,8 +479,8 @@ def chunk_delta_rule_bwd_kernel_wy(
     o_t = i_t * BT + o_i
     m_t = o_t < T
     if DELTA:
-        b_dG = _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, H, K, V, BT, BK,
-                             BV, PREC)
+        b_dG = _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, i_hs, H, HS, K,
+                             V, BT, BK, BV, PREC)
     else:
         b_dG = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(NK):
@@ -479,10 +491,11 @@ def chunk_delta_rule_bwd_kernel_wy(
 
 
 @triton.jit
-def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, H: tl.constexpr,
-                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  PREC: tl.constexpr):
-    """One chunk's backward through the WY form: writes dk, dv, dbeta; returns its part of the gate gradient."""
+def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, i_hs, H: tl.constexpr,
+                  HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's backward through the WY form of head i_h (i_hs of its group, the layout of T, dw, du and dk's
+    partial sum): writes dk, dv, dbeta; returns its part of the gate gradient."""
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -497,8 +510,8 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_strict = o_i[:, None] > o_i[None, :]
     # T and T^T as the recomputed forward stored them (T^T read through the strides, not transposed in registers)
-    p_T, m_T = _tile(Ti + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
-    p_Tt, m_Tt = _tile(Ti + (bos * H + i_h) * BT, BT, T, 1, H * BT, 0, i_t * BT, BT, BT)
+    p_T, m_T = _tile(Ti + (bos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
+    p_Tt, m_Tt = _tile(Ti + (bos * HS + i_hs) * BT, BT, T, 1, HS * BT, 0, i_t * BT, BT, BT)
     b_T = tl.load(p_T, mask=m_T, other=0.0)
     b_Tt = tl.load(p_Tt, mask=m_Tt, other=0.0)
     b_Ttc = b_Tt.to(k.dtype.element_ty)
@@ -508,7 +521,7 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
         b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
@@ -516,7 +529,7 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_dTt += tl.dot(b_kb, tl.trans(b_dw), input_precision=PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_du, m_du = _tile(du + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_du, m_du = _tile(du + (bos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_dvo, m_dvo = _tile(dv_out + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0)
         b_du = tl.load(p_du, mask=m_du, other=0.0)
@@ -540,8 +553,8 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
     b_Dtc = b_Dt.to(k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dw, m_dw = _tile(dw + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dk, m_dk = _tile(dk + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dk, m_dk = _tile(dk + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         p_dko, m_dko = _tile(dk_out + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
@@ -625,34 +638,40 @@ def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, B
     return Dims(TT, H, K, V, lengths.numel(), BT, BK, BV, KP, cu, cu_chunks, info, NT, order)
 
 
-def _wy(k, v, beta, g, d: Dims, store_T: bool):
-    """Cumulative gates G and, with beta (the delta rule), the WY keys w and values u and (store_T) T = (I + A_kk)^-1
-    fp32 [1, TT, H, BT]; without beta (gated linear attention) w, u and T are None."""
+def _wy(k, v, beta, g, G, d: Dims, store_T: bool, hb: int, HS: int):
+    """For the HS heads from hb: the cumulative gates (written into G [1, TT, H] fp32) and, with beta (the delta
+    rule), the group's WY keys w [1, TT, HS, K] and values u [1, TT, HS, V] and (store_T) T = (I + A_kk)^-1 fp32
+    [1, TT, HS, BT]; without beta (gated linear attention) w, u and T are None."""
     dev, dt = k.device, k.dtype
-    G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
     delta = beta is not None
-    w = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev) if delta else None
-    u = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if delta else None
-    Ti = _empty(1, d.TT, d.H, d.BT, dtype=torch.float32, device=dev) if store_T and delta else None
+    w = _empty(1, d.TT, HS, d.K, dtype=dt, device=dev) if delta else None
+    u = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else None
+    Ti = _empty(1, d.TT, HS, d.BT, dtype=torch.float32, device=dev) if store_T and delta else None
     # absent tensors get a stand-in pointer that the kernel never touches
-    chunk_delta_rule_fwd_kernel_wy[(d.NT, d.H)](
+    chunk_delta_rule_fwd_kernel_wy[(d.NT, HS)](
         k, v, beta if delta else g, g, G, w if delta else k, u if delta else v, k if Ti is None else Ti, d.cu, d.info,
-        d.N, H=d.H, K=d.K, V=d.V, BT=d.BT, BK=d.BK, BV=d.BV, PREC=dot_precision(k),
-        PREC_BLOCK="ieee" if dt == torch.float32 else "tf32x3", LOG_BT=d.BT.bit_length() - 1, STORE_T=Ti is not None,
-        DELTA=delta, **_launch("wy", dt),
+        d.N, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=d.BT, BK=d.BK, BV=d.BV, PREC=dot_precision(k),
+        LOG_BT=d.BT.bit_length() - 1, STORE_T=Ti is not None, DELTA=delta, **_launch("wy", dt),
     )
-    return G, w, u, Ti
+    return w, u, Ti
+
+
+def _value_layout(delta: bool, d: Dims, hb: int, HS: int) -> dict[str, int]:
+    """Heads and head offset of v_new, its gradient and dk's partial sum in the state kernels: the head group's own
+    tensors with the delta correction, v, dv and dk of all heads without it."""
+    return {"vb": 0, "VH": HS} if delta else {"vb": hb, "VH": d.H}
 
 
 def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> torch.Tensor:
-    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new = u - w h (and ht).
-    Without w (gated linear attention) u is v and nothing is written but h (and ht)."""
+    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new = u - w h (and ht), w, u
+    and v_new being the group's. Without w (gated linear attention) u is v and nothing is written but h (and ht)."""
     h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
     BV, launch = _state_launch("h", k.dtype, d.KP, d.BV, d.V, d.N * HS, k.device)
+    lay = _value_layout(w is not None, d, hb, HS)
     chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, BV), d.N * HS)](
-        k, k if w is None else w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, H=d.H, HS=HS,
-        K=d.K, V=d.V, BT=d.BT, KP=d.KP, BV=BV, USE_H0=initial_state is not None, STORE_HT=ht is not None,
-        PREC=dot_precision(k), DELTA=w is not None, **launch,
+        k, k if w is None else w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, lay["vb"],
+        H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=d.BT, KP=d.KP, BV=BV, USE_H0=initial_state is not None,
+        STORE_HT=ht is not None, PREC=dot_precision(k), DELTA=w is not None, **launch,
     )
     return h
 
@@ -671,7 +690,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them."""
     d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
-    G, w, u, _ = _wy(k, v, beta, g, d, store_T=False)
+    G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    w, u, _ = _wy(k, v, beta, g, G, d, False, 0, d.H)
     v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if beta is not None else v
     ht = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if output_final_state else None
     h = _states(k, w, v if u is None else u, G, v_new, initial_state, ht, d, 0, d.H)
@@ -688,67 +708,69 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
 
 def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
                          BT: int = 64, BK: int = 64, BV: int = 64):
-    """Recompute the forward's intermediates (all but o and the saved scores A, None when dh recomputes them); then
-    per head group (see `_state_heads`) the states h, dh through the chunks and the per-chunk gradients of q, k, w;
-    then the WY backward (with beta) and the gate's. Without beta (gated linear attention) dbeta is None.
+    """The whole backward runs per head group (see `_state_heads`): the forward's intermediates recomputed (all but
+    o and the saved scores A, None when dh recomputes them), the states h, dh through the chunks, the per-chunk
+    gradients of q, k, w, then the WY backward (with beta) and the gate's. Without beta (gated linear attention)
+    dbeta is None.
 
-    Each recomputed intermediate is dropped after its last reader: the peak is at a group's dqkw kernel, which holds
-    that group's h and dh."""
+    A group's intermediates (w, u, T, v_new, du, h, dh, dk's fp32 partial sum, dw) are its own tensors, each dropped
+    after its last reader: the peak is at a group's dqkw kernel, which holds its h and dh beside the outputs."""
     d = _dims(k, v, cu_seqlens, BT, BK, BV)
     dev, dt = q.device, q.dtype
     prec = dot_precision(q)
     NK = triton.cdiv(d.K, d.BK)
     delta = beta is not None
-    G, w, u, Ti = _wy(k, v, beta, g, d, store_T=True)
-    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if delta else v
-    # the gradient of v_new: without the delta correction, v's
-    du = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+    G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+    dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+    dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
+    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
     dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
-    dq = dk = dw = dG = None
+    # the outputs dk and dv; with the delta correction allocated after the first group's state kernels (one group
+    # then never holds them beside h and dh), without it written by them (v_new is v, du its gradient)
+    dk = dv = dbeta = None
+    if not delta:
+        dk = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+        dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     BVS, dh_launch, recompute_A = _dh_launch(d, dt, dev, delta)
     HS = _state_heads(d, dev, BVS)
     for hb in range(0, d.H, HS):
-        last = hb + HS == d.H
+        lay = _value_layout(delta, d, hb, HS)
+        w, u, Ti = _wy(k, v, beta, g, G, d, True, hb, HS)
+        v_new = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else v
         h = _states(k, w, v if u is None else u, G, v_new, initial_state, None, d, hb, HS)
-        if last:
-            del u  # read by the state kernel only
+        del u  # read by the state kernel only
+        # the gradient of v_new (the group's); without the delta correction, v's
+        du = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else dv
         dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
         chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, BVS), d.N * HS)](
             q, k, q if w is None else w, G, q if A is None else A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks,
-            d.order, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS, USE_DHT=dht is not None,
-            STORE_DH0=dh0 is not None, RECOMPUTE_A=recompute_A, PREC=prec, DELTA=delta, **dh_launch,
+            d.order, hb, lay["vb"], H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS,
+            USE_DHT=dht is not None, STORE_DH0=dh0 is not None, RECOMPUTE_A=recompute_A, PREC=prec, DELTA=delta,
+            **dh_launch,
         )
-        if last:
-            del w
-        if dq is None:
-            # after the first group's dh: with one group, w and u are gone by now
-            dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-            # dk: a partial sum that the WY backward completes, or (no delta correction) final
-            dk = _empty(1, d.TT, d.H, d.K, dtype=torch.float32 if delta else dt, device=dev)
-            dw = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev) if delta else None
-            dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
+        del w  # read by dh only
+        # dk: the group's fp32 partial sum that the WY backward completes, or (no delta correction) final
+        dk_part = _empty(1, d.TT, HS, d.K, dtype=torch.float32, device=dev) if delta else dk
+        dw = _empty(1, d.TT, HS, d.K, dtype=dt, device=dev) if delta else dk
         chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
-            q, k, v_new, h, do, dh, du, G, dq, dk, dk if dw is None else dw, dG, scale, d.cu, d.info, d.N, d.TT, hb,
-            H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, DELTA=delta, **_launch("dqkw", dt),
+            q, k, v_new, h, do, dh, du, G, dq, dk_part, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb, lay["vb"],
+            H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, DELTA=delta,
+            **_launch("dqkw", dt),
         )
-        del h, dh
-    del v_new
-    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    if not delta:
-        # only dg: the WY tensors' places take stand-in pointers that this variant never touches
-        chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
-            k, v, g, G, G, dk, du, dk, dk, du, g, dG, dg, d.cu, d.info, d.N, d.TT,
-            H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, DELTA=False, **_launch("bwd_wy", dt),
+        del h, dh, v_new
+        if delta and dk is None:
+            dk = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+            dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+            dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+        # dg (and with beta the WY backward into dk, dv, dbeta); without beta the WY tensors' places take stand-in
+        # pointers that this variant never touches
+        chunk_delta_rule_bwd_kernel_wy[(d.NT, HS)](
+            k, v, beta if delta else g, G, Ti if delta else G, dw, du, dk_part, dk, dv, dbeta if delta else g, dG, dg,
+            d.cu, d.info, d.N, d.TT, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec,
+            DELTA=delta, **_launch("bwd_wy", dt),
         )
-        return dq, dk, du, None, dg, dh0
-    dk_out = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-    dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-    dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    chunk_delta_rule_bwd_kernel_wy[(d.NT, d.H)](
-        k, v, beta, G, Ti, dw, du, dk, dk_out, dv, dbeta, dG, dg, d.cu, d.info, d.N, d.TT,
-        H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec, DELTA=True, **_launch("bwd_wy", dt),
-    )
-    return dq, dk_out, dv, dbeta, dg, dh0
+        del Ti, du, dk_part, dw
+    return dq, dk, dv, dbeta, dg, dh0
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):

@@ -36,32 +36,36 @@ GLA_PTRS = {"gc": "*fp32", "chunk_offsets": "*i32", "chunk_indices": "*i32"}
 
 CASES = {
     "delta_fwd_wy": (delta.chunk_delta_rule_fwd_kernel_wy,
-                     dict(D256, PREC="tf32", PREC_BLOCK="tf32x3", LOG_BT=6, STORE_T=True, DELTA=True), 3, {}),
+                     dict(D256, HS=2, PREC="tf32", LOG_BT=6, STORE_T=True, DELTA=True), 3, {}),
     # the state kernels at K = 256 in every (V-block, stages) they may launch with (STATE_LAUNCH)
     **{f"delta_fwd_h_{bv}x{st}": (delta.chunk_delta_rule_fwd_kernel_h,
-                                  dict(STATE, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=True), st, {})
+                                  dict(STATE, VH=2, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=True), st,
+                                  {})
        for bv, st in delta.STATE_LAUNCH["h"][256]},
     **{f"delta_bwd_dh_{bv}x{st}": (delta.chunk_delta_rule_bwd_kernel_dh,
-                                   dict(STATE, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=True,
+                                   dict(STATE, VH=2, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=True,
                                         RECOMPUTE_A=st > 1 and 256 > delta.DH_RECOMPUTE_ABOVE_K), st, {})
        for bv, st in delta.STATE_LAUNCH["dh"][256]},
     "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True), 3, {}),
-    "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, PREC="tf32", DELTA=True), 3, {}),
-    "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32", DELTA=True), 3, {}),
+    "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, VH=2, PREC="tf32", DELTA=True), 3,
+                       {}),
+    "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, HS=2, NK=4, PREC="tf32", DELTA=True), 3, {}),
     # the same kernels without the WY transform: gated linear attention with a scalar decay
     "scalar_gla_fwd_g": (delta.chunk_delta_rule_fwd_kernel_wy,
-                         dict(D256, PREC="tf32", PREC_BLOCK="tf32x3", LOG_BT=6, STORE_T=False, DELTA=False), 3, {}),
+                         dict(D256, HS=2, PREC="tf32", LOG_BT=6, STORE_T=False, DELTA=False), 3, {}),
     **{f"scalar_gla_fwd_h_{bv}x{st}": (delta.chunk_delta_rule_fwd_kernel_h,
-                                       dict(STATE, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=False), st,
+                                       dict(STATE, VH=4, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=False),
+                                       st,
                                        {})
        for bv, st in delta.STATE_LAUNCH["h"][256]},
     **{f"scalar_gla_bwd_dh_{bv}x{st}": (delta.chunk_delta_rule_bwd_kernel_dh,
-                                        dict(STATE, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=False,
+                                        dict(STATE, VH=4, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=False,
                                              RECOMPUTE_A=st > 1 and 256 > delta.DH_RECOMPUTE_ABOVE_K), st, {})
        for bv, st in delta.STATE_LAUNCH["dh"][256]},
-    "scalar_gla_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, PREC="tf32", DELTA=False), 3,
+    "scalar_gla_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, VH=4, PREC="tf32", DELTA=False), 3,
                             {"dk": "*bf16"}),
-    "scalar_gla_bwd_dg": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, NK=4, PREC="tf32", DELTA=False), 3, {}),
+    "scalar_gla_bwd_dg": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, HS=2, NK=4, PREC="tf32", DELTA=False), 3,
+                          {}),
     "conv_fwd": (conv.short_conv_fwd_kernel, {"D": 512, "W": 4, "A": 8, "BT": 32, "BC": 128, "STEPS": 4,
                                               "USE_SEG": True, "ACT": True, "NORM": False}, 3, {"w": "*fp32"}),
     # with the fused L2 norm: the whole 256-channel head in one tile

@@ -119,6 +119,20 @@ def test_varlen_vs_per_sequence_loop(mode, small_blocks):
     check(run(torch_chunk_gla, *inputs, cu_seqlens=cu), ref, 1e-5, "torch_chunk varlen")
 
 
+@pytest.mark.parametrize("heads_per_group", [1, 2])
+def test_scalar_state_head_groups(monkeypatch, heads_per_group):
+    """The scalar decay runs on the delta rule's state kernels without the WY transform, whose backward goes per head
+    group (here 1 or 2 of 4 heads at a time): each group writes its heads of dk, dv and dg, and only those."""
+    from linear_moe.kernels.delta_rule import chunk as delta_chunk
+
+    B, T, H = 2, 70, 4
+    # programs per head in a state-kernel launch: B sequences x one V-block; on CPU one "SM"
+    monkeypatch.setattr(delta_chunk, "STATE_GROUP_PROGRAMS_PER_SM", B * heads_per_group)
+    monkeypatch.setattr(delta_chunk, "DEBUG_POISON", True)
+    inputs = make_inputs("scalar", B, T, H, 32, 16)
+    check(run(triton_chunk, *inputs), run(naive_recurrent_gla, *inputs), 1e-5, f"{heads_per_group} heads per group")
+
+
 def test_fp16():
     q, k, v, g, h0, do, dht = make_inputs("vector", 1, 65, 1, 32, 16, dtype=torch.float16)
     ref = run(naive_recurrent_gla, q.float(), k.float(), v.float(), g, h0, do.float(), dht)

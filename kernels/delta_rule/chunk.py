@@ -11,7 +11,7 @@ work per chunk run over an upper bound of chunks and read their (sequence, chunk
 varlen path has no host sync. Plain DeltaNet is the gated rule with G = 0. Without beta (`chunk_scalar_decay`, the
 GLA family's scalar decay) the same kernels skip the WY transform: u = v, w = 0 (constexpr DELTA). Hopper notes
 (Triton 3.4-3.7.0 miscompiles): no kernel feeds `tl.trans` of a `tl.dot` result into another `tl.dot` (transposed
-products are recomputed from loaded tiles, or read transposed from memory); there is one kernel set for gated and
+products are recomputed from loaded tiles, or written to memory and read back transposed); there is one kernel set for gated and
 plain DeltaNet, the gated one, because the ungated specialisation came out wrong on an H100 at head dim 256; and the
 state kernels keep their loads in the order the H100 tests passed with (see `chunk_delta_rule_bwd_kernel_dh`).
 """
@@ -469,7 +469,8 @@ def chunk_delta_rule_bwd_kernel_wy(
 ):
     """For the HS heads from hb: dg from the gate gradients of the other kernels (partial over K-blocks, dG) and,
     with DELTA, the backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1, which finishes dk, dv,
-    dbeta. T, dw, du and dk's partial sum are the head group's [1, TT, HS, .] tensors."""
+    dbeta. T, dw, du and dk's partial sum are the head group's [1, TT, HS, .] tensors; each chunk's T is overwritten
+    (with the gradient that the transposed products read back)."""
     i_c, i_hs = tl.program_id(0), tl.program_id(1)
     i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
@@ -509,15 +510,13 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_strict = o_i[:, None] > o_i[None, :]
-    # T and T^T as the recomputed forward stored them (T^T read through the strides, not transposed in registers)
+    # T^T as the recomputed forward stored T (read through the strides, not transposed in registers)
     p_T, m_T = _tile(Ti + (bos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
     p_Tt, m_Tt = _tile(Ti + (bos * HS + i_hs) * BT, BT, T, 1, HS * BT, 0, i_t * BT, BT, BT)
-    b_T = tl.load(p_T, mask=m_T, other=0.0)
     b_Tt = tl.load(p_Tt, mask=m_Tt, other=0.0)
     b_Ttc = b_Tt.to(k.dtype.element_ty)
-    # dT = dw (beta gamma k)^T + du (beta v)^T, and its transpose, each from loaded tiles
+    # dT = dw (beta gamma k)^T + du (beta v)^T from loaded tiles
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dTt = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
@@ -526,7 +525,6 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
         b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
         b_dT += tl.dot(b_dw, tl.trans(b_kb), input_precision=PREC)
-        b_dTt += tl.dot(b_kb, tl.trans(b_dw), input_precision=PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_du, m_du = _tile(du + (bos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
@@ -535,16 +533,19 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_du = tl.load(p_du, mask=m_du, other=0.0)
         b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
         b_dT += tl.dot(b_du, tl.trans(b_vb), input_precision=PREC)
-        b_dTt += tl.dot(b_vb, tl.trans(b_du), input_precision=PREC)
         # T^T du
         b_dvb = tl.dot(b_Ttc, b_du.to(b_Ttc.dtype), input_precision=PREC)
         b_dbeta += tl.sum(b_dvb * b_v.to(tl.float32), 1)
         tl.store(p_dvo, (b_dvb * b_beta[:, None]).to(p_dvo.dtype.element_ty), mask=m_dvo)
-    # dA = -T^T dT T^T (strictly lower), dA^T = -T dT^T T; then through A_ij = beta_i k_i.k_j exp(G_i - G_j)
+    # dA = -T^T dT T^T (strictly lower); then through A_ij = beta_i k_i.k_j exp(G_i - G_j)
     b_dA = -tl.dot(tl.dot(b_Tt, b_dT, input_precision=PREC), b_Tt, input_precision=PREC)
-    b_dAt = -tl.dot(tl.dot(b_T, b_dTt, input_precision=PREC), b_T, input_precision=PREC)
     b_D = tl.where(m_strict, b_dA * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
-    b_Dt = tl.where(o_i[:, None] < o_i[None, :], b_dAt * tl.exp(b_G[None, :] - b_G[:, None]), 0.0)
+    # D^T through memory, not from a transposed product (see the module notes): D goes where this chunk's T was,
+    # once every thread has read T, and comes back through T^T's strides
+    tl.debug_barrier()
+    tl.store(p_T, b_D, mask=m_T)
+    tl.debug_barrier()
+    b_Dt = tl.load(p_Tt, mask=m_Tt, other=0.0)
     b_DKK = b_D * b_KK
     b_dbeta += tl.sum(b_DKK, 1)
     b_E = b_DKK * b_beta[:, None]

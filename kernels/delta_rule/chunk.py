@@ -589,12 +589,13 @@ def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
     return cu, cu_chunks, torch.stack([seq, local], 1).contiguous(), NT
 
 
-# The backward runs its state kernels (h recomputed, then dh, then dqkw) per group of heads, so that h and dh
-# [NT, heads, K, V] exist for one group at a time: groups as small as keep at least this many programs per SM in
-# each state-kernel launch. A launch lasts as long as its longest program (one walks a whole sequence), so every
-# extra group costs that tail again. H100, MoM's packing (98304 slots, 80 uneven segments, 4 heads of 256), kernel
-# ms fwd+bwd: one group 9.37, two 9.45, four (at 2 per SM) 11.13. At 8, MoM at 32768 tokens gets two groups at B16
-# (h and dh 0.42 GB less at once) and one at B4.
+# The backward runs per group of heads (the WY recompute, h, dh, dqkw and the WY backward), so that h and dh
+# [NT, heads, K, V] and the group's other intermediates exist for one group at a time: groups as small as keep at
+# least this many programs per SM in each state-kernel launch. A launch lasts as long as its longest program (one walks
+# a whole sequence), so every extra group costs that tail again. H100, MoM's packing (98304 slots, 80 uneven segments,
+# 4 heads of 256), kernel ms fwd+bwd: one group 9.37, two 9.45, four (at 2 per SM) 11.13. At 8, MoM at 32768 tokens
+# gets two groups at B16 (its layer's peak 4.24 -> 3.73 GiB, +0.2 ms) and one at B4 (4.60 GiB; two groups there,
+# at 2 per SM: 3.7 GiB for +0.58 ms, the seventh session's same-run measurements).
 STATE_GROUP_PROGRAMS_PER_SM = 8
 # Programs take the sequences longest first, so that one long segment does not run alone at the end of a launch:
 # 9.66 -> 9.37 ms at the shape above; MoM's layer 23.42 -> 22.83 ms (B16 x T2048) and 24.73 -> 23.25 ms (B4 x T8192)

@@ -46,6 +46,13 @@ CASES = {
                                    dict(STATE, VH=2, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=True,
                                         RECOMPUTE_A=st > 1 and 256 > delta.DH_RECOMPUTE_ABOVE_K), st, {})
        for bv, st in delta.STATE_LAUNCH["dh"][256]},
+    # and at K = 128
+    **{f"delta_bwd_dh_k128_{bv}x{st}": (delta.chunk_delta_rule_bwd_kernel_dh,
+                                        dict(STATE, K=128, V=128, KP=128, VH=2, BV=bv, USE_DHT=True, STORE_DH0=True,
+                                             PREC="tf32", DELTA=True,
+                                             RECOMPUTE_A=st > 1 and 128 > delta.DH_RECOMPUTE_ABOVE_K),
+                                        st, {})
+       for bv, st in delta.STATE_LAUNCH["dh"][128]},
     "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True), 3, {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, VH=2, PREC="tf32", DELTA=True), 3,
                        {}),

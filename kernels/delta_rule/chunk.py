@@ -50,10 +50,11 @@ LAUNCH: dict[str, tuple[int, int | None]] = {
 #   against 0.51 at B16 x T2048 and 1.70 against 1.55 at MoM's packing, where the one-stage dh reading the scores is
 #   kept.
 # - At K = 128 two stages cut h and dh by 30% (B4 x T8192, H16); dh in three stages: 0.43 -> 0.36 ms at B16 x T2048
-#   x H16 (h: 0.58 either way).
+#   x H16 (h: 0.58 either way). Without the delta correction dh keeps two stages (its last option, see `_dh_launch`):
+#   three were not run on an H100 there.
 STATE_LAUNCH: dict[str, dict[int, list[tuple[int, int]]]] = {
     "h": {128: [(64, 2)], 256: [(64, 2), (32, 2)]},
-    "dh": {128: [(64, 3)], 256: [(32, 1), (32, 2)]},
+    "dh": {128: [(64, 3), (64, 2)], 256: [(32, 1), (32, 2)]},
 }
 # dh recomputes the scores when it runs in two stages at K above this (the tests lower it to cover that path)
 DH_RECOMPUTE_ABOVE_K = 128

@@ -132,6 +132,21 @@ def test_state_launch_rule(monkeypatch, rows, dtype, delta, h, dh, recompute):
     assert (bv, launch["num_stages"], recomputes) == (*dh, recompute)
 
 
+@pytest.mark.parametrize("rows,delta,dh", [
+    (256, True, (64, 3)),   # B16 x H16: programs for every SM in three stages
+    (64, True, (64, 2)),    # B4 x H16: 128 programs, two stages
+    (256, False, (64, 2)),  # no delta correction: the last option
+])
+def test_state_launch_rule_k128(monkeypatch, rows, delta, dh):
+    """dh at K = V = 128 on a 132-SM card: three stages where that gives every SM a program (the delta rule only),
+    and it never recomputes the forward's scores there."""
+    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    d = chunk_mod._dims(torch.zeros(1, 64, rows // 4, 128), torch.zeros(1, 64, rows // 4, 128),
+                        torch.arange(5) * 16, 64, 64, 64)
+    bv, launch, recomputes = chunk_mod._dh_launch(d, torch.bfloat16, torch.device("cpu"), delta)
+    assert (bv, launch["num_stages"], recomputes) == (*dh, False)
+
+
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_chunk_triton_dh_recomputes_scores(monkeypatch, gated):
     """The dh kernel in two stages above DH_RECOMPUTE_ABOVE_K recomputes the forward's q.k scores from its own tiles
@@ -337,6 +352,19 @@ def test_gpu_chunk_varlen_no_sync(dtype):
     bad = {n: e for n, e in errs.items() if not e <= (tol or GPU_TOL[n])}
     assert not bad, (bad, errs)
     assert torch.equal(o, got["o"])
+
+
+@pytest.mark.gpu
+def test_gpu_chunk_bf16_dh_three_stages_k128(monkeypatch):
+    """dh in three stages at K = 128, the launch of B16 x T2048 x H16 (here forced at B2 x T2048 x H8, which has too
+    few programs to take it): every gradient against the fp32 reference."""
+    monkeypatch.setitem(chunk_mod.STATE_LAUNCH["dh"], 128, [(64, 3)])
+    inputs = make_inputs(2, 2048, 8, 128, 128, True, dtype=torch.bfloat16, device="cuda")
+    ref = _gpu_reference(inputs, use_qk_l2norm=True)
+    got = run(chunk_delta_rule, inputs, use_qk_l2norm=True)
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
+    assert not bad, (bad, errs)
 
 
 @pytest.mark.gpu

@@ -278,7 +278,8 @@ class MixtureOfMemories(LinearMixer):
 
         gate, *slots = self.project_dispatch(hidden_states, d.slot_of, d.memories)
         qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens)
-        o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens)[0]  # [S, H, V]
+        # [S, H, V]; a view, so its backward passes the gradient on as it is (o[0]'s fills a zero tensor and copies)
+        o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens).squeeze(0)
         if self.shared:
             weights = torch.cat([weights, weights.new_ones(N, 1)], dim=1)
         out, bias = self.finish_tokens(routing.combine(o, weights, d, self.backend), gate, T, B)

@@ -314,6 +314,13 @@ def _gpu_reference(inputs, **kw):
     return run(torch_chunk_delta_rule, [x.float() if x is not None else None for x in inputs], **kw)
 
 
+def _assert_gpu_close(got, ref, tol=None):
+    """Every result's relative error against the reference within `tol`, or the bf16 bound GPU_TOL states for it."""
+    errs = {n: rel(got[n], ref[n]) for n in ref}
+    bad = {n: e for n, e in errs.items() if not e <= (tol or GPU_TOL[n])}
+    assert not bad, (bad, errs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("blocks,gated,heads", [(GPU_BLOCKS[0], False, 4)] + [(b, True, 4) for b in GPU_BLOCKS]
                          + [(GPU_BLOCKS[0], True, 8)],
@@ -326,9 +333,7 @@ def test_gpu_chunk_bf16_full_shape(blocks, gated, heads):
     inputs = make_inputs(2, 2048, heads, D, D, gated, dtype=torch.bfloat16, device="cuda")
     ref = _gpu_reference(inputs, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, use_qk_l2norm=True, chunk_size=BT, block_k=BK, block_v=BV)
-    errs = {n: rel(got[n], ref[n]) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
-    assert not bad, (bad, errs)
+    _assert_gpu_close(got, ref)
 
 
 @pytest.mark.gpu
@@ -347,10 +352,7 @@ def test_gpu_chunk_varlen_no_sync(dtype):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
-    tol = 1e-3 if dtype == torch.float32 else None
-    errs = {n: rel(got[n], ref[n]) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e <= (tol or GPU_TOL[n])}
-    assert not bad, (bad, errs)
+    _assert_gpu_close(got, ref, 1e-3 if dtype == torch.float32 else None)
     assert torch.equal(o, got["o"])
 
 
@@ -362,9 +364,7 @@ def test_gpu_chunk_bf16_dh_three_stages_k128(monkeypatch):
     inputs = make_inputs(2, 2048, 8, 128, 128, True, dtype=torch.bfloat16, device="cuda")
     ref = _gpu_reference(inputs, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, use_qk_l2norm=True)
-    errs = {n: rel(got[n], ref[n]) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
-    assert not bad, (bad, errs)
+    _assert_gpu_close(got, ref)
 
 
 @pytest.mark.gpu
@@ -382,9 +382,7 @@ def test_gpu_chunk_bf16_state_head_groups(monkeypatch):
     assert chunk_mod._state_heads(d, torch.device("cuda"), bv) == 1
     ref = _gpu_reference(inputs, cu_seqlens=cu, use_qk_l2norm=True)
     got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, check_inputs=False)
-    errs = {n: rel(got[n], ref[n]) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
-    assert not bad, (bad, errs)
+    _assert_gpu_close(got, ref)
 
 
 @pytest.mark.gpu
@@ -392,6 +390,4 @@ def test_gpu_fused_recurrent_decode_bf16():
     inputs = make_inputs(8, 4, 4, 256, 256, True, dtype=torch.bfloat16, device="cuda")
     ref = _gpu_reference(inputs, use_qk_l2norm=True)
     got = run(fused_recurrent_delta_rule, inputs, use_qk_l2norm=True)
-    errs = {n: rel(got[n], ref[n]) for n in ref}
-    bad = {n: e for n, e in errs.items() if not e <= GPU_TOL[n]}
-    assert not bad, (bad, errs)
+    _assert_gpu_close(got, ref)

@@ -90,7 +90,7 @@ def _dh_launch(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) -
     Without the delta correction dh always takes the last option: at K = 256 its one-stage form reading the scores
     faulted on the H100 (illegal address, Triton 3.6, B8 and B16 x T2048 x H4), while the two-stage one that
     recomputes them matched the reference (the delta rule's one-stage form does)."""
-    BV, launch = _state_launch("dh", dtype, d.KP, d.BV, d.V, d.N * d.H if delta else 0, device)
+    BV, launch = _state_launch("dh", dtype, d.KP, d.BV, d.V, d.S * d.H if delta else 0, device)
     return BV, launch, launch["num_stages"] > 1 and d.KP > DH_RECOMPUTE_ABOVE_K
 
 
@@ -170,12 +170,13 @@ def chunk_delta_rule_fwd_kernel_wy(
 ):
     """For the HS heads from hb: the cumulative gates G per chunk, and (DELTA) w, u; with STORE_T also
     T = (I + A)^-1 (fp32) for the backward's WY kernel, which reads it and its transpose from memory. w, u and T are
-    the head group's own [1, TT, HS, .] tensors."""
+    the head group's own tensors in the chunk layout (see `_local`)."""
     i_c, i_hs = tl.program_id(0), tl.program_id(1)
     i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
+    cbos = (i_c - i_t) * BT
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -185,16 +186,16 @@ def chunk_delta_rule_fwd_kernel_wy(
     b_G = tl.cumsum(b_g, 0)
     tl.store(G + (bos + o_t) * H + i_h, b_G, mask=m_t)
     if DELTA:
-        _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H, HS, K, V, BT, BK, BV, PREC, LOG_BT,
+        _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, cbos, T, i_t, i_h, i_hs, H, HS, K, V, BT, BK, BV, PREC, LOG_BT,
                   STORE_T)
 
 
 @triton.jit
-def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H: tl.constexpr, HS: tl.constexpr,
+def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, cbos, T, i_t, i_h, i_hs, H: tl.constexpr, HS: tl.constexpr,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               PREC: tl.constexpr, LOG_BT: tl.constexpr, STORE_T: tl.constexpr):
     """w = T (beta gamma k) and u = T (beta v) of one chunk of head i_h, T = (I + A)^-1 (stored with STORE_T); w, u
-    and T in the head group's layout (head i_hs of HS)."""
+    and T in the head group's chunk layout (rows from cbos, head i_hs of HS)."""
     o_i = tl.arange(0, BT)
     # A = strict_lower(beta_i k_i.k_j exp(G_i - G_j))
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -206,20 +207,20 @@ def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H: tl.constex
     b_A = tl.where(m_strict, b_A * b_beta[:, None] * tl.exp(b_G[:, None] - b_G[None, :]), 0.0)
     b_T = _unit_lower_inverse(b_A, BT, LOG_BT, PREC)
     if STORE_T:
-        p_T, m_T = _tile(Ti + (bos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
+        p_T, m_T = _tile(Ti + (cbos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
         tl.store(p_T, b_T, mask=m_T)
     b_Tc = b_T.to(k.dtype.element_ty)
     b_bg = b_beta * tl.exp(b_G)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_w, m_w = _tile(w + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_w, m_w = _tile(w + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
         b_w = tl.dot(b_Tc, b_kb, input_precision=PREC)
         tl.store(p_w, b_w.to(p_w.dtype.element_ty), mask=m_w)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_u, m_u = _tile(u + (bos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_u, m_u = _tile(u + (cbos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0)
         b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
         b_u = tl.dot(b_Tc, b_vb, input_precision=PREC)
@@ -228,23 +229,28 @@ def _wy_chunk(k, v, b_beta, w, u, Ti, b_G, bos, T, i_t, i_h, i_hs, H: tl.constex
 
 @triton.jit
 def chunk_delta_rule_fwd_kernel_h(
-    k, w, u, G, h, v_new, h0, ht,
-    cu_seqlens, cu_chunks, order, hb, vb,
+    k, w, u, G, h, v_new, h0, ht, mid,
+    cu_seqlens, cu_chunks, order, hb, vb, S,
     H: tl.constexpr, HS: tl.constexpr, VH: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PARTS: tl.constexpr, MIDS: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, DELTA: tl.constexpr,
 ):
     """The states entering each chunk, h [NT, HS, K, V], and (DELTA) v_new = u - w h, for the HS heads hb, hb + 1,
-    ... (a head group); programs take the sequences in `order` (longest first). w is the group's [1, TT, HS, K]; u and
-    v_new have VH heads, the group's (VH = HS, vb = 0) or, without DELTA (u is v, no w), all (VH = H, vb = hb)."""
+    ... (a head group); programs take the segments in `order` (longest first). w is the group's, in the chunk layout
+    (`_local`); u and v_new have VH heads, the group's (VH = HS, vb = 0, chunk layout) or, without DELTA (u is v, no
+    w), all (VH = H, vb = hb, token layout). The segments are parts of PARTS per sequence (`_part`): h0 and ht
+    are the sequence's, row n // PARTS. With MIDS > 1 (the forward, PARTS 1) also the fp32 states where parts 1 ..
+    MIDS - 1 of a split in MIDS parts would start, mid [MIDS - 1, S, H, K, V]."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
     i_hv = vb + i_hs
-    i_nh = n * H + i_h
+    i_nh = (n // PARTS) * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
     c0 = tl.load(cu_chunks + n).to(tl.int64)
+    cbos = (c0 * BT).to(tl.int32)
+    vbos = cbos if DELTA else bos
     NT = tl.cdiv(T, BT)
     o_i = tl.arange(0, BT)
     if USE_H0:
@@ -252,27 +258,33 @@ def chunk_delta_rule_fwd_kernel_h(
         b_h = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         b_h = tl.zeros([KP, BV], dtype=tl.float32)
-    for i_t in range(NT):
-        p_h, m_h = _tile(h + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
-        tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
-        p_u, m_u = _tile(u + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
-        # the delta rule's loads and products in the order its kernel has always had them (the state kernels are
-        # sensitive to it on the H100 with Triton 3.6, see chunk_delta_rule_bwd_kernel_dh)
-        if DELTA:
-            p_w, m_w = _tile(w + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, 0, BT, KP)
-            b_w = tl.load(p_w, mask=m_w, other=0.0)
-        b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
-        if DELTA:
-            p_vn, m_vn = _tile(v_new + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
-            b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
-            tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
-        b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
-        m_t = i_t * BT + o_i < T
-        b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
-        b_h *= tl.exp(b_Gl)
-        b_kt = tl.load(p_kt, mask=m_kt, other=0.0)
-        b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PREC)
+    p_mid, m_mid = _tile(mid + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+    # one loop per part, the state stored between them: a store inside the loop, under a condition, keeps Triton
+    # from pipelining it (the forward's h kernel took 0.72 ms instead of 0.46 at B16 x T2048 x H4, H100)
+    for i_p in tl.static_range(MIDS):
+        if i_p > 0:
+            tl.store(p_mid + (i_p - 1) * S * H * K * V, b_h, mask=m_mid)
+        for i_t in range(NT * i_p // MIDS, NT * (i_p + 1) // MIDS):
+            p_h, m_h = _tile(h + ((c0 + i_t) * HS + i_hs) * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
+            tl.store(p_h, b_h.to(p_h.dtype.element_ty), mask=m_h)
+            p_u, m_u = _tile(u + (vbos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
+            p_kt, m_kt = _tile(k + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
+            # the delta rule's loads and products in the order its kernel has always had them (the state kernels are
+            # sensitive to it on the H100 with Triton 3.6, see chunk_delta_rule_bwd_kernel_dh)
+            if DELTA:
+                p_w, m_w = _tile(w + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, 0, BT, KP)
+                b_w = tl.load(p_w, mask=m_w, other=0.0)
+            b_v = tl.load(p_u, mask=m_u, other=0.0).to(tl.float32)
+            if DELTA:
+                p_vn, m_vn = _tile(v_new + (cbos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
+                b_v -= tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PREC)
+                tl.store(p_vn, b_v.to(p_vn.dtype.element_ty), mask=m_vn)
+            b_G, b_Gl = _load_gates(G, bos, T, i_t, i_h, H, BT)
+            m_t = i_t * BT + o_i < T
+            b_v = b_v * tl.where(m_t, tl.exp(b_Gl - b_G), 0.0)[:, None]
+            b_h *= tl.exp(b_Gl)
+            b_kt = tl.load(p_kt, mask=m_kt, other=0.0)
+            b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PREC)
     if STORE_HT:
         p_ht, m_ht = _tile(ht + i_nh * K * V, K, V, V, 1, 0, i_v * BV, KP, BV)
         tl.store(p_ht, b_h, mask=m_ht)
@@ -284,14 +296,16 @@ def chunk_delta_rule_fwd_kernel_o(
     cu_seqlens, chunk_info, N,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, STORE_A: tl.constexpr,
+    PREC: tl.constexpr, STORE_A: tl.constexpr, DELTA: tl.constexpr,
 ):
     """o per chunk and V-block; with STORE_A the first V-block also writes the decayed causal q.k scores
-    A [TT, H, BT] (16-bit) that the backward's dh kernel reads instead of recomputing them for every V-block."""
+    A [TT, H, BT] (16-bit) that the backward's dh kernel reads instead of recomputing them for every V-block. v_new
+    is in the chunk layout (DELTA) or v."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
+    vbos = (i_c - i_t) * BT if DELTA else bos
     o_i = tl.arange(0, BT)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -312,7 +326,7 @@ def chunk_delta_rule_fwd_kernel_o(
         if i_v == 0:
             p_A, m_A = _tile(A + (bos * H + i_h) * BT, T, BT, H * BT, 1, i_t * BT, 0, BT, BT)
             tl.store(p_A, b_A.to(p_A.dtype.element_ty), mask=m_A)
-    p_vn, m_vn = _tile(v_new + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
+    p_vn, m_vn = _tile(v_new + (vbos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     p_o, m_o = _tile(o + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
     b_o = (b_o + tl.dot(b_A.to(b_vn.dtype), b_vn, input_precision=PREC)) * scale
@@ -324,21 +338,23 @@ def chunk_delta_rule_bwd_kernel_dh(
     q, k, w, G, A, do, dv, dh, dht, dh0, scale,
     cu_seqlens, cu_chunks, order, hb, vb,
     H: tl.constexpr, HS: tl.constexpr, VH: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, PARTS: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, RECOMPUTE_A: tl.constexpr, PREC: tl.constexpr,
     DELTA: tl.constexpr,
 ):
     """Backward over chunks: dv (gradient of v_new, all of it; v's without DELTA) per chunk, and dh (of the state
-    after each chunk, [NT, HS, K, V]), for the HS heads from hb, sequences in `order`. w is the group's; dv has VH
-    heads, from vb (see the h kernel)."""
+    after each chunk, [NT, HS, K, V]), for the HS heads from hb, segments in `order`. w is the group's; dv has VH
+    heads, from vb (see the h kernel, also for PARTS: dht and dh0 are the sequence's, row n // PARTS)."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
     n, i_hs = tl.load(order + i_ns // HS), i_ns % HS
     i_h = hb + i_hs
     i_hv = vb + i_hs
-    i_nh = n * H + i_h
+    i_nh = (n // PARTS) * H + i_h
     bos = tl.load(cu_seqlens + n).to(tl.int32)
     T = tl.load(cu_seqlens + n + 1).to(tl.int32) - bos
     c0 = tl.load(cu_chunks + n).to(tl.int64)
+    cbos = (c0 * BT).to(tl.int32)
+    vbos = cbos if DELTA else bos
     NT = tl.cdiv(T, BT)
     o_i = tl.arange(0, BT)
     if USE_DHT:
@@ -353,7 +369,7 @@ def chunk_delta_rule_bwd_kernel_dh(
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, 0, BT, KP)
         p_qt, m_qt = _tile(q + (bos * H + i_h) * K, K, T, 1, H * K, 0, i_t * BT, KP, BT)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_dv, m_dv = _tile(dv + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_dv, m_dv = _tile(dv + (vbos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_qt = tl.load(p_qt, mask=m_qt, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
@@ -376,7 +392,7 @@ def chunk_delta_rule_bwd_kernel_dh(
         # w's tile is loaded before the state update, as the delta rule's kernel always did: with the load after it,
         # the one-stage form reading the scores at K = 256 went wrong on the H100 (Triton 3.6)
         if DELTA:
-            p_wt, m_wt = _tile(w + (bos * HS + i_hs) * K, K, T, 1, HS * K, 0, i_t * BT, KP, BT)
+            p_wt, m_wt = _tile(w + (cbos * HS + i_hs) * K, K, T, 1, HS * K, 0, i_t * BT, KP, BT)
             b_wt = tl.load(p_wt, mask=m_wt, other=0.0)
         b_dh *= tl.exp(b_Gl)
         b_dh += tl.dot(b_qt, (b_do * (tl.exp(b_G) * scale)[:, None]).to(b_do.dtype), input_precision=PREC)
@@ -398,13 +414,15 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     """Per chunk and K-block: dq (final), dk from the output and the state (partial with DELTA, else final), dw
     (DELTA), and the per-step gradient of the cumulative gate from those terms (partial over K-blocks), for the HS
     heads from hb (h and dh hold those). dw is the group's; v_new, dv and dk have VH heads, from vb (see the h
-    kernel)."""
+    kernel: with DELTA the group's, in the chunk layout)."""
     i_k, i_c, i_hs = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = hb + i_hs
     i_hv = vb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
     if n >= N:
         return
+    cbos = (i_c - i_t) * BT
+    vbos = cbos if DELTA else bos
     o_i = tl.arange(0, BT)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -413,7 +431,7 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     b_dst = tl.zeros([BT, BT], dtype=tl.float32)
     b_dgl = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        p_vn, m_vn = _tile(v_new + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_vn, m_vn = _tile(v_new + (vbos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_do, m_do = _tile(do + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         # h and dh stored [K, V]; loaded as [BV, BK] tiles through the strides
         p_ht, m_ht = _tile(h + (i_c.to(tl.int64) * HS + i_hs) * K * V, V, K, 1, V, i_v * BV, i_k * BK, BV, BK)
@@ -421,7 +439,7 @@ def chunk_delta_rule_bwd_kernel_dqkw(
         b_vn = tl.load(p_vn, mask=m_vn, other=0.0)
         b_do = tl.load(p_do, mask=m_do, other=0.0)
         if DELTA:
-            p_dv, m_dv = _tile(dv + (bos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
+            p_dv, m_dv = _tile(dv + (cbos * VH + i_hv) * V, T, V, VH * V, 1, i_t * BT, i_v * BV, BT, BV)
             b_dv = tl.load(p_dv, mask=m_dv, other=0.0)
         b_ht = tl.load(p_ht, mask=m_ht, other=0.0)
         b_dht = tl.load(p_dht, mask=m_dht, other=0.0)
@@ -447,11 +465,11 @@ def chunk_delta_rule_bwd_kernel_dqkw(
     b_dk_state = b_dk
     b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     p_dq, m_dq = _tile(dq + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-    p_dk, m_dk = _tile(dk + (bos * VH + i_hv) * K, T, K, VH * K, 1, i_t * BT, i_k * BK, BT, BK)
+    p_dk, m_dk = _tile(dk + (vbos * VH + i_hv) * K, T, K, VH * K, 1, i_t * BT, i_k * BK, BT, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), mask=m_dq)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), mask=m_dk)
     if DELTA:
-        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), mask=m_dw)
     # d/dG_i of the output and state terms: q_i.dq_i - k_i.dk_i, plus the state's decay at the last step
     b_dG = tl.sum(b_q.to(tl.float32) * b_dq - b_k.to(tl.float32) * b_dk, 1)
@@ -471,8 +489,8 @@ def chunk_delta_rule_bwd_kernel_wy(
 ):
     """For the HS heads from hb: dg from the gate gradients of the other kernels (partial over K-blocks, dG) and,
     with DELTA, the backward through w = T (beta gamma k), u = T (beta v), T = (I + A)^-1, which finishes dk, dv,
-    dbeta. T, dw, du and dk's partial sum are the head group's [1, TT, HS, .] tensors; each chunk's T is overwritten
-    (with the gradient that the transposed products read back)."""
+    dbeta. T, dw, du and dk's partial sum are the head group's tensors in the chunk layout; each chunk's T is
+    overwritten (with the gradient that the transposed products read back)."""
     i_c, i_hs = tl.program_id(0), tl.program_id(1)
     i_h = hb + i_hs
     n, i_t, bos, T = _chunk_lookup(chunk_info, cu_seqlens, i_c)
@@ -482,8 +500,8 @@ def chunk_delta_rule_bwd_kernel_wy(
     o_t = i_t * BT + o_i
     m_t = o_t < T
     if DELTA:
-        b_dG = _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, i_hs, H, HS, K,
-                             V, BT, BK, BV, PREC)
+        b_dG = _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, (i_c - i_t) * BT, T, i_t,
+                             i_h, i_hs, H, HS, K, V, BT, BK, BV, PREC)
     else:
         b_dG = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(NK):
@@ -494,11 +512,11 @@ def chunk_delta_rule_bwd_kernel_wy(
 
 
 @triton.jit
-def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, i_t, i_h, i_hs, H: tl.constexpr,
+def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, cbos, T, i_t, i_h, i_hs, H: tl.constexpr,
                   HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, PREC: tl.constexpr):
     """One chunk's backward through the WY form of head i_h (i_hs of its group, the layout of T, dw, du and dk's
-    partial sum): writes dk, dv, dbeta; returns its part of the gate gradient."""
+    partial sum, rows from cbos): writes dk, dv, dbeta; returns its part of the gate gradient."""
     o_i = tl.arange(0, BT)
     o_t = i_t * BT + o_i
     m_t = o_t < T
@@ -513,8 +531,8 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
     m_strict = o_i[:, None] > o_i[None, :]
     # T^T as the recomputed forward stored T (read through the strides, not transposed in registers)
-    p_T, m_T = _tile(Ti + (bos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
-    p_Tt, m_Tt = _tile(Ti + (bos * HS + i_hs) * BT, BT, T, 1, HS * BT, 0, i_t * BT, BT, BT)
+    p_T, m_T = _tile(Ti + (cbos * HS + i_hs) * BT, T, BT, HS * BT, 1, i_t * BT, 0, BT, BT)
+    p_Tt, m_Tt = _tile(Ti + (cbos * HS + i_hs) * BT, BT, T, 1, HS * BT, 0, i_t * BT, BT, BT)
     b_Tt = tl.load(p_Tt, mask=m_Tt, other=0.0)
     b_Ttc = b_Tt.to(k.dtype.element_ty)
     # dT = dw (beta gamma k)^T + du (beta v)^T from loaded tiles
@@ -522,14 +540,14 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
         b_kb = (b_k * b_bg[:, None]).to(b_k.dtype)
         b_dT += tl.dot(b_dw, tl.trans(b_kb), input_precision=PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_v = _tile(v + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
-        p_du, m_du = _tile(du + (bos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
+        p_du, m_du = _tile(du + (cbos * HS + i_hs) * V, T, V, HS * V, 1, i_t * BT, i_v * BV, BT, BV)
         p_dvo, m_dvo = _tile(dv_out + (bos * H + i_h) * V, T, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
         b_v = tl.load(p_v, mask=m_v, other=0.0)
         b_du = tl.load(p_du, mask=m_du, other=0.0)
@@ -556,8 +574,8 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
     b_Dtc = b_Dt.to(k.dtype.element_ty)
     for i_k in range(tl.cdiv(K, BK)):
         p_k, m_k = _tile(k + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dw, m_dw = _tile(dw + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
-        p_dk, m_dk = _tile(dk + (bos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dw, m_dw = _tile(dw + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
+        p_dk, m_dk = _tile(dk + (cbos * HS + i_hs) * K, T, K, HS * K, 1, i_t * BT, i_k * BK, BT, BK)
         p_dko, m_dko = _tile(dk_out + (bos * H + i_h) * K, T, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_k = tl.load(p_k, mask=m_k, other=0.0)
         b_dw = tl.load(p_dw, mask=m_dw, other=0.0)
@@ -575,20 +593,16 @@ def _wy_chunk_bwd(k, v, beta, G, Ti, dw, du, dk, dk_out, dv_out, dbeta, bos, T, 
     return b_dG
 
 
-def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
-    """Device-side chunk bookkeeping without host syncs: (cu_seqlens int32, cu_chunks [N+1], chunk_info [NT, 2], NT).
-
-    NT = T // BT + N bounds the number of chunks; rows past the last chunk carry sequence index N (skipped).
-    """
-    N = cu_seqlens.numel() - 1
-    cu = cu_seqlens.to(torch.int32)
-    nch = (cu[1:] - cu[:-1] + BT - 1) // BT
-    cu_chunks = torch.cat([cu.new_zeros(1), torch.cumsum(nch, 0, dtype=torch.int32)])
-    NT = T // BT + N
-    ids = torch.arange(NT, device=cu.device, dtype=torch.int32)
+def _chunk_tables(nch: torch.Tensor, NT: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side chunk bookkeeping without host syncs, from the chunks of each of M segments: (cu_chunks [M + 1],
+    chunk_info [NT, 2] of (segment, chunk within it)). NT bounds the number of chunks; rows past the last chunk
+    carry segment index M (skipped)."""
+    M = nch.numel()
+    cu_chunks = torch.cat([nch.new_zeros(1), torch.cumsum(nch, 0, dtype=torch.int32)])
+    ids = torch.arange(NT, device=nch.device, dtype=torch.int32)
     seq = torch.searchsorted(cu_chunks[1:].contiguous(), ids, right=True).to(torch.int32)
-    local = ids - cu_chunks[seq.clamp(max=N - 1)]
-    return cu, cu_chunks, torch.stack([seq, local], 1).contiguous(), NT
+    local = ids - cu_chunks[seq.clamp(max=M - 1)]
+    return cu_chunks, torch.stack([seq, local], 1).contiguous()
 
 
 # The backward runs per group of heads (the WY recompute, h, dh, dqkw and the WY backward), so that h and dh
@@ -596,13 +610,25 @@ def _chunk_tables(cu_seqlens: torch.Tensor, T: int, BT: int):
 # least this many programs per SM in each state-kernel launch. A launch lasts as long as its longest program (one walks
 # a whole sequence), so every extra group costs that tail again. H100, MoM's packing (98304 slots, 80 uneven segments,
 # 4 heads of 256), kernel ms fwd+bwd: one group 9.37, two 9.45, four (at 2 per SM) 11.13. At 8, MoM at 32768 tokens
-# gets two groups at B16 (its layer's peak 4.24 -> 3.73 GiB, +0.2 ms) and one at B4 (4.60 GiB; two groups there,
-# at 2 per SM: 3.7 GiB for +0.58 ms, the seventh session's same-run measurements).
+# gets two groups at B16 (its layer's peak 4.24 -> 3.73 GiB, +0.2 ms) and one at B4 (4.60 GiB, where the time parts
+# below take over; two groups there, at 2 per SM: 3.7 GiB for +0.58 ms, the seventh session's same-run measurements).
 STATE_GROUP_PROGRAMS_PER_SM = 8
 # Programs take the sequences longest first, so that one long segment does not run alone at the end of a launch:
 # 9.66 -> 9.37 ms at the shape above; MoM's layer 23.42 -> 22.83 ms (B16 x T2048) and 24.73 -> 23.25 ms (B4 x T8192)
 # with four head groups.
 STATE_LONGEST_FIRST = True
+# Where head groups would cost that tail (too few programs), the backward runs in parts along time instead: each
+# sequence's chunks split into P consecutive runs, the last run first. The forward keeps the fp32 state where each
+# later run starts ([P - 1, N, H, K, V]), so a part recomputes only its own states and intermediates, and a part's dh
+# starts from the gradient that the part after it left at its start. A part's state kernels keep every program and
+# walk 1 / P of each sequence; h, dh and the group's other intermediates shrink by P. P is as small as keeps a
+# group's h and dh within STATE_PART_BYTES. H100, MoM's layer at B4 x T8192 (one head group of 4; 20 segments, h and
+# dh 1.5 GiB): two parts 18.90 -> 19.18 ms, peak 4.61 -> 3.76 GiB, where two head groups cost 0.74 ms for 3.71 GiB.
+# At B16 x T2048 one group in two parts took 0.29 ms more than the rule's two groups in one part (3.97 against 3.75
+# GiB); two parts cost gated DeltaNet's layer (h and dh 0.5 GiB) 0.2-0.5 ms. The eighth session's measurements.
+STATE_PART_BYTES = 2**30
+# A fixed number of parts instead of the rule (the tests and benchmarks set it)
+STATE_TIME_PARTS: int | None = None
 
 
 class Forward(NamedTuple):
@@ -610,11 +636,15 @@ class Forward(NamedTuple):
     ht: torch.Tensor | None
     A: torch.Tensor | None
     """The decayed causal q.k scores [1, TT, H, BT] that the backward reads (forward for training only)."""
+    mid: torch.Tensor | None
+    """The fp32 states where the backward's time parts 1 .. P - 1 start, [P - 1, N, H, K, V] (training, P > 1)."""
 
 
 class Dims(NamedTuple):
-    """Sizes shared by the launches: tokens TT, heads H, K, V, sequences N, chunk and block sizes, K padded to a
-    power of two, the chunk tables, and the order in which the state kernels take the sequences."""
+    """Sizes shared by the launches: tokens TT, heads H, K, V, segments N, chunk and block sizes, K padded to a
+    power of two, the chunk tables, the order in which the state kernels take the segments, the sequences S (rows
+    of the states) and the time parts P. The forward's segments are the sequences (N = S); a time part's (`_part`)
+    are S x P, part p of sequence s being segment s * P + p, the other parts' segments holding no chunk."""
     TT: int
     H: int
     K: int
@@ -629,28 +659,63 @@ class Dims(NamedTuple):
     info: torch.Tensor
     NT: int
     order: torch.Tensor
+    S: int
+    P: int
 
 
-def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, BK: int, BV: int) -> Dims:
+def _order(lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The segments `ids` in the order the state kernels take them (longest first, see STATE_LONGEST_FIRST)."""
+    if STATE_LONGEST_FIRST:
+        ids = ids[lengths.argsort(descending=True, stable=True)]
+    return ids.to(torch.int32)
+
+
+def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, BK: int, BV: int, P: int = 1
+          ) -> Dims:
     _, TT, H, K = k.shape
     V = v.shape[-1]
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
-    cu, cu_chunks, info, NT = _chunk_tables(cu_seqlens, TT, BT)
+    cu = cu_seqlens.to(torch.int32)
     lengths = cu[1:] - cu[:-1]
-    order = (lengths.argsort(descending=True, stable=True) if STATE_LONGEST_FIRST
-             else torch.arange(lengths.numel(), device=cu.device)).to(torch.int32)
-    return Dims(TT, H, K, V, lengths.numel(), BT, BK, BV, KP, cu, cu_chunks, info, NT, order)
+    N = lengths.numel()
+    NT = TT // BT + N
+    cu_chunks, info = _chunk_tables((lengths + BT - 1) // BT, NT)
+    return Dims(TT, H, K, V, N, BT, BK, BV, KP, cu, cu_chunks, info, NT,
+                _order(lengths, torch.arange(N, device=cu.device)), N, P)
+
+
+def _part(d: Dims, p: int) -> Dims:
+    """Time part p of d.P: each sequence's chunks (n of them) from n p // P to n (p + 1) // P, as the segments of
+    a partition of all tokens into S x P runs, with tables over part p's chunks only: its h, dh and intermediates
+    are numbered compactly. NT bounds a part's chunks: at most ceil(n / P) per sequence."""
+    P, S, BT = d.P, d.S, d.BT
+    nch = (d.cu[1:] - d.cu[:-1] + BT - 1) // BT
+    bounds = torch.stack([nch * i // P for i in range(P)] + [nch], 1)
+    cu = torch.cat([(d.cu[:-1, None] + bounds[:, :P] * BT).reshape(-1), d.cu[-1:]])
+    mine = torch.zeros(S, P, dtype=torch.int32, device=cu.device)
+    mine[:, p] = bounds[:, p + 1] - bounds[:, p]
+    NT = (d.TT // BT + S * P) // P
+    cu_chunks, info = _chunk_tables(mine.reshape(-1), NT)
+    lengths = (cu[1:] - cu[:-1]).view(S, P)[:, p]
+    ids = torch.arange(S, device=cu.device) * P + p
+    return d._replace(N=S * P, cu=cu, cu_chunks=cu_chunks, info=info, NT=NT, order=_order(lengths, ids))
+
+
+def _local(d: Dims, HS: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A head group's intermediate in the chunk layout [1, NT * BT, HS, D]: chunk-table row i holds rows i * BT ..
+    i * BT + BT - 1, so a time part's intermediates take its chunks only."""
+    return _empty(1, d.NT * d.BT, HS, D, dtype=dtype, device=device)
 
 
 def _wy(k, v, beta, g, G, d: Dims, store_T: bool, hb: int, HS: int):
     """For the HS heads from hb: the cumulative gates (written into G [1, TT, H] fp32) and, with beta (the delta
-    rule), the group's WY keys w [1, TT, HS, K] and values u [1, TT, HS, V] and (store_T) T = (I + A_kk)^-1 fp32
-    [1, TT, HS, BT]; without beta (gated linear attention) w, u and T are None."""
+    rule), the group's WY keys w [.., HS, K] and values u [.., HS, V] and (store_T) T = (I + A_kk)^-1 fp32
+    [.., HS, BT], in the chunk layout; without beta (gated linear attention) w, u and T are None."""
     dev, dt = k.device, k.dtype
     delta = beta is not None
-    w = _empty(1, d.TT, HS, d.K, dtype=dt, device=dev) if delta else None
-    u = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else None
-    Ti = _empty(1, d.TT, HS, d.BT, dtype=torch.float32, device=dev) if store_T and delta else None
+    w = _local(d, HS, d.K, dt, dev) if delta else None
+    u = _local(d, HS, d.V, dt, dev) if delta else None
+    Ti = _local(d, HS, d.BT, torch.float32, dev) if store_T and delta else None
     # absent tensors get a stand-in pointer that the kernel never touches
     chunk_delta_rule_fwd_kernel_wy[(d.NT, HS)](
         k, v, beta if delta else g, g, G, w if delta else k, u if delta else v, k if Ti is None else Ti, d.cu, d.info,
@@ -666,16 +731,18 @@ def _value_layout(delta: bool, d: Dims, hb: int, HS: int) -> dict[str, int]:
     return {"vb": 0, "VH": HS} if delta else {"vb": hb, "VH": d.H}
 
 
-def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> torch.Tensor:
-    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new = u - w h (and ht), w, u
-    and v_new being the group's. Without w (gated linear attention) u is v and nothing is written but h (and ht)."""
+def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int, mid=None) -> torch.Tensor:
+    """h [NT, HS, K, V] entering each chunk for heads hb .. hb + HS - 1; writes their v_new = u - w h (and ht, and
+    with `mid` the states where time parts 1 .. P - 1 start), w, u and v_new being the group's. Without w (gated
+    linear attention) u is v and nothing is written but h (and ht, mid)."""
     h = _empty(d.NT, HS, d.K, d.V, dtype=k.dtype, device=k.device)
-    BV, launch = _state_launch("h", k.dtype, d.KP, d.BV, d.V, d.N * HS, k.device)
+    BV, launch = _state_launch("h", k.dtype, d.KP, d.BV, d.V, d.S * HS, k.device)
     lay = _value_layout(w is not None, d, hb, HS)
-    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, BV), d.N * HS)](
-        k, k if w is None else w, u, G, h, v_new, initial_state, ht, d.cu, d.cu_chunks, d.order, hb, lay["vb"],
-        H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=d.BT, KP=d.KP, BV=BV, USE_H0=initial_state is not None,
-        STORE_HT=ht is not None, PREC=dot_precision(k), DELTA=w is not None, **launch,
+    chunk_delta_rule_fwd_kernel_h[(triton.cdiv(d.V, BV), d.S * HS)](
+        k, k if w is None else w, u, G, h, v_new, initial_state, ht, G if mid is None else mid, d.cu, d.cu_chunks,
+        d.order, hb, lay["vb"], d.S, H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=d.BT, KP=d.KP, BV=BV,
+        PARTS=d.N // d.S, MIDS=1 if mid is None else d.P, USE_H0=initial_state is not None, STORE_HT=ht is not None,
+        PREC=dot_precision(k), DELTA=w is not None, **launch,
     )
     return h
 
@@ -683,97 +750,119 @@ def _states(k, w, u, G, v_new, initial_state, ht, d: Dims, hb: int, HS: int) -> 
 def _state_heads(d: Dims, device: torch.device, BV: int) -> int:
     """Heads per group of the backward's state kernels at V-block BV (a divisor of H; see
     STATE_GROUP_PROGRAMS_PER_SM)."""
-    programs = d.N * triton.cdiv(d.V, BV)
+    programs = d.S * triton.cdiv(d.V, BV)
     return next(hs for hs in range(1, d.H + 1)
                 if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * _sms(device)))
+
+
+def _time_parts(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) -> int:
+    """Parts along time of the backward (see STATE_PART_BYTES) at the head groups it takes."""
+    if STATE_TIME_PARTS is not None:
+        return STATE_TIME_PARTS
+    HS = _state_heads(d, device, _dh_launch(d, dtype, device, delta)[0])
+    state_bytes = 2 * d.NT * HS * d.K * d.V * torch.finfo(dtype).bits // 8
+    return min(-(-state_bytes // STATE_PART_BYTES), 8)
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
                          BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
     """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given; beta None: gated linear attention (no
-    delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them."""
-    d = _dims(k, v, cu_seqlens, BT, BK, BV)
+    delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them,
+    and the states where its time parts start (`_time_parts`)."""
     dev, dt = q.device, q.dtype
+    d = _dims(k, v, cu_seqlens, BT, BK, BV)
+    if training:
+        d = d._replace(P=_time_parts(d, dt, dev, beta is not None))
     G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
     w, u, _ = _wy(k, v, beta, g, G, d, False, 0, d.H)
-    v_new = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev) if beta is not None else v
+    v_new = _local(d, d.H, d.V, dt, dev) if beta is not None else v
     ht = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if output_final_state else None
-    h = _states(k, w, v if u is None else u, G, v_new, initial_state, ht, d, 0, d.H)
+    mid = _empty(d.P - 1, d.S, d.H, d.K, d.V, dtype=torch.float32, device=dev) if d.P > 1 else None
+    h = _states(k, w, v if u is None else u, G, v_new, initial_state, ht, d, 0, d.H, mid)
     del w, u  # the output kernel reads neither: their memory can go to o and A
     o = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
     store_A = training and not _dh_launch(d, dt, dev, beta is not None)[2]
     A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if store_A else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(d.V, d.BV), d.NT, d.H)](
         q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
-        PREC=dot_precision(q), STORE_A=store_A, **_launch("o", dt),
+        PREC=dot_precision(q), STORE_A=store_A, DELTA=beta is not None, **_launch("o", dt),
     )
-    return Forward(o, ht, A)
+    return Forward(o, ht, A, mid)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A,
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A, mid,
                          BT: int = 64, BK: int = 64, BV: int = 64):
-    """The whole backward runs per head group (see `_state_heads`): the forward's intermediates recomputed (all but
-    o and the saved scores A, None when dh recomputes them), the states h, dh through the chunks, the per-chunk
-    gradients of q, k, w, then the WY backward (with beta) and the gate's. Without beta (gated linear attention)
-    dbeta is None.
+    """The whole backward runs per time part (the forward's `mid` holds where parts after the first start; None:
+    one part), last part first, and within a part per head group (see `_state_heads`): the forward's intermediates
+    recomputed (all but o and the saved scores A, None when dh recomputes them), the states h, dh through the chunks,
+    the per-chunk gradients of q, k, w, then the WY backward (with beta) and the gate's. Without beta (gated linear
+    attention) dbeta is None.
 
-    A group's intermediates (w, u, T, v_new, du, h, dh, dk's fp32 partial sum, dw) are its own tensors, each dropped
-    after its last reader: the peak is at a group's dqkw kernel, which holds its h and dh beside the outputs."""
-    d = _dims(k, v, cu_seqlens, BT, BK, BV)
+    A group's intermediates (w, u, T, v_new, du, h, dh, dk's fp32 partial sum, dw) are its own tensors over its
+    part's chunks, each dropped after its last reader: the peak is at a group's dqkw kernel, which holds its h and dh
+    beside the outputs."""
+    base = _dims(k, v, cu_seqlens, BT, BK, BV, 1 if mid is None else mid.shape[0] + 1)
     dev, dt = q.device, q.dtype
     prec = dot_precision(q)
-    NK = triton.cdiv(d.K, d.BK)
+    NK = triton.cdiv(base.K, base.BK)
     delta = beta is not None
-    G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    dq = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-    dG = _empty(NK, d.TT, d.H, dtype=torch.float32, device=dev)
-    dg = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-    dh0 = _empty(d.N, d.H, d.K, d.V, dtype=torch.float32, device=dev) if initial_state is not None else None
+    G = _empty(1, base.TT, base.H, dtype=torch.float32, device=dev)
+    dq = _empty(1, base.TT, base.H, base.K, dtype=dt, device=dev)
+    dG = _empty(NK, base.TT, base.H, dtype=torch.float32, device=dev)
+    dg = _empty(1, base.TT, base.H, dtype=torch.float32, device=dev)
+    dh0 = _empty(base.S, base.H, base.K, base.V, dtype=torch.float32, device=dev) if initial_state is not None else None
+    # the gradient of the state where a part starts: written by that part's dh, read by the part before it
+    dmid = _empty(base.S, base.H, base.K, base.V, dtype=torch.float32, device=dev) if base.P > 1 else None
     # the outputs dk and dv; with the delta correction allocated after the first group's state kernels (one group
     # then never holds them beside h and dh), without it written by them (v_new is v, du its gradient)
     dk = dv = dbeta = None
     if not delta:
-        dk = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-        dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-    BVS, dh_launch, recompute_A = _dh_launch(d, dt, dev, delta)
-    HS = _state_heads(d, dev, BVS)
-    for hb in range(0, d.H, HS):
-        lay = _value_layout(delta, d, hb, HS)
-        w, u, Ti = _wy(k, v, beta, g, G, d, True, hb, HS)
-        v_new = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else v
-        h = _states(k, w, v if u is None else u, G, v_new, initial_state, None, d, hb, HS)
-        del u  # read by the state kernel only
-        # the gradient of v_new (the group's); without the delta correction, v's
-        du = _empty(1, d.TT, HS, d.V, dtype=dt, device=dev) if delta else dv
-        dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
-        chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, BVS), d.N * HS)](
-            q, k, q if w is None else w, G, q if A is None else A, do, du, dh, dht, dh0, scale, d.cu, d.cu_chunks,
-            d.order, hb, lay["vb"], H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, KP=d.KP, BV=BVS,
-            USE_DHT=dht is not None, STORE_DH0=dh0 is not None, RECOMPUTE_A=recompute_A, PREC=prec, DELTA=delta,
-            **dh_launch,
-        )
-        del w  # read by dh only
-        # dk: the group's fp32 partial sum that the WY backward completes, or (no delta correction) final
-        dk_part = _empty(1, d.TT, HS, d.K, dtype=torch.float32, device=dev) if delta else dk
-        dw = _empty(1, d.TT, HS, d.K, dtype=dt, device=dev) if delta else dk
-        chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
-            q, k, v_new, h, do, dh, du, G, dq, dk_part, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb, lay["vb"],
-            H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, DELTA=delta,
-            **_launch("dqkw", dt),
-        )
-        del h, dh, v_new
-        if delta and dk is None:
-            dk = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
-            dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
-            dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
-        # dg (and with beta the WY backward into dk, dv, dbeta); without beta the WY tensors' places take stand-in
-        # pointers that this variant never touches
-        chunk_delta_rule_bwd_kernel_wy[(d.NT, HS)](
-            k, v, beta if delta else g, G, Ti if delta else G, dw, du, dk_part, dk, dv, dbeta if delta else g, dG, dg,
-            d.cu, d.info, d.N, d.TT, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK, PREC=prec,
-            DELTA=delta, **_launch("bwd_wy", dt),
-        )
-        del Ti, du, dk_part, dw
+        dk = _empty(1, base.TT, base.H, base.K, dtype=dt, device=dev)
+        dv = _empty(1, base.TT, base.H, base.V, dtype=dt, device=dev)
+    BVS, dh_launch, recompute_A = _dh_launch(base, dt, dev, delta)
+    HS = _state_heads(base, dev, BVS)
+    for p in reversed(range(base.P)):
+        d = base if base.P == 1 else _part(base, p)
+        h_in = initial_state if p == 0 else mid[p - 1]
+        dh_in = dht if p == base.P - 1 else dmid
+        dh_out = dh0 if p == 0 else dmid
+        for hb in range(0, d.H, HS):
+            lay = _value_layout(delta, d, hb, HS)
+            w, u, Ti = _wy(k, v, beta, g, G, d, True, hb, HS)
+            v_new = _local(d, HS, d.V, dt, dev) if delta else v
+            h = _states(k, w, v if u is None else u, G, v_new, h_in, None, d, hb, HS)
+            del u  # read by the state kernel only
+            # the gradient of v_new (the group's); without the delta correction, v's
+            du = _local(d, HS, d.V, dt, dev) if delta else dv
+            dh = _empty(d.NT, HS, d.K, d.V, dtype=dt, device=dev)
+            chunk_delta_rule_bwd_kernel_dh[(triton.cdiv(d.V, BVS), d.S * HS)](
+                q, k, q if w is None else w, G, q if A is None else A, do, du, dh, dh_in, dh_out, scale, d.cu,
+                d.cu_chunks, d.order, hb, lay["vb"], H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, KP=d.KP,
+                BV=BVS, PARTS=d.N // d.S, USE_DHT=dh_in is not None, STORE_DH0=dh_out is not None,
+                RECOMPUTE_A=recompute_A, PREC=prec, DELTA=delta, **dh_launch,
+            )
+            del w  # read by dh only
+            # dk: the group's fp32 partial sum that the WY backward completes, or (no delta correction) final
+            dk_part = _local(d, HS, d.K, torch.float32, dev) if delta else dk
+            dw = _local(d, HS, d.K, dt, dev) if delta else dk
+            chunk_delta_rule_bwd_kernel_dqkw[(NK, d.NT, HS)](
+                q, k, v_new, h, do, dh, du, G, dq, dk_part, dw, dG, scale, d.cu, d.info, d.N, d.TT, hb, lay["vb"],
+                H=d.H, HS=HS, VH=lay["VH"], K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, PREC=prec, DELTA=delta,
+                **_launch("dqkw", dt),
+            )
+            del h, dh, v_new
+            if delta and dk is None:
+                dk = _empty(1, d.TT, d.H, d.K, dtype=dt, device=dev)
+                dv = _empty(1, d.TT, d.H, d.V, dtype=dt, device=dev)
+                dbeta = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
+            # dg (and with beta the WY backward into dk, dv, dbeta); without beta the WY tensors' places take
+            # stand-in pointers that this variant never touches
+            chunk_delta_rule_bwd_kernel_wy[(d.NT, HS)](
+                k, v, beta if delta else g, G, Ti if delta else G, dw, du, dk_part, dk, dv, dbeta if delta else g,
+                dG, dg, d.cu, d.info, d.N, d.TT, hb, H=d.H, HS=HS, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV, NK=NK,
+                PREC=prec, DELTA=delta, **_launch("bwd_wy", dt),
+            )
+            del Ti, du, dk_part, dw
     return dq, dk, dv, dbeta, dg, dh0
 
 
@@ -782,16 +871,16 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, blocks):
         fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, *blocks,
                                    training=any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, fwd.A)
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, fwd.A, fwd.mid)
         ctx.scale, ctx.blocks = scale, blocks
         return fwd.o, fwd.ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, initial_state, cu_seqlens, A = ctx.saved_tensors
+        q, k, v, beta, g, initial_state, cu_seqlens, A, mid = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
             q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
-            dht.contiguous() if dht is not None else None, A, *ctx.blocks,
+            dht.contiguous() if dht is not None else None, A, mid, *ctx.blocks,
         )
         dbeta = dbeta.to(beta.dtype) if dbeta is not None else None
         dg = dg.to(g.dtype)

@@ -25,12 +25,12 @@ SMEM_H100 = 232448
 
 BF16 = ["k", "v", "w", "u", "q", "o", "A", "h", "v_new", "do", "dv", "dh", "dq", "dw", "du", "dk_out", "dv_out", "x",
         "y", "dy", "dx", "dout", "out"]
-FP32 = ["beta", "g", "G", "Ti", "h0", "ht", "dht", "dh0", "dk", "dG", "dbeta", "dg", "da"]
+FP32 = ["beta", "g", "G", "Ti", "h0", "ht", "mid", "dht", "dh0", "dk", "dG", "dbeta", "dg", "da"]
 INT = ["cu_seqlens", "chunk_info", "cu_chunks", "seg", "slot", "order"]
 TYPES = {**{n: "*bf16" for n in BF16}, **{n: "*fp32" for n in FP32}, **{n: "*i32" for n in INT}, "scale": "fp32",
          "eps": "fp32"}
 D256 = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64}
-STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256}
+STATE = {"H": 4, "HS": 2, "K": 256, "V": 256, "BT": 64, "KP": 256, "PARTS": 2}
 GLA = {"H": 4, "K": 256, "V": 256, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": True, "PREC": "tf32"}
 GLA_PTRS = {"gc": "*fp32", "chunk_offsets": "*i32", "chunk_indices": "*i32"}
 
@@ -39,9 +39,13 @@ CASES = {
                      dict(D256, HS=2, PREC="tf32", LOG_BT=6, STORE_T=True, DELTA=True), 3, {}),
     # the state kernels at K = 256 in every (V-block, stages) they may launch with (STATE_LAUNCH)
     **{f"delta_fwd_h_{bv}x{st}": (delta.chunk_delta_rule_fwd_kernel_h,
-                                  dict(STATE, VH=2, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=True), st,
-                                  {})
+                                  dict(STATE, VH=2, BV=bv, MIDS=1, USE_H0=True, STORE_HT=True, PREC="tf32",
+                                       DELTA=True), st, {})
        for bv, st in delta.STATE_LAUNCH["h"][256]},
+    # the forward's h kernel, which also keeps the states where the backward's time parts start
+    "delta_fwd_h_mids": (delta.chunk_delta_rule_fwd_kernel_h,
+                         dict(STATE, HS=4, VH=4, BV=64, PARTS=1, MIDS=2, USE_H0=True, STORE_HT=True, PREC="tf32",
+                              DELTA=True), 2, {}),
     **{f"delta_bwd_dh_{bv}x{st}": (delta.chunk_delta_rule_bwd_kernel_dh,
                                    dict(STATE, VH=2, BV=bv, USE_DHT=True, STORE_DH0=True, PREC="tf32", DELTA=True,
                                         RECOMPUTE_A=st > 1 and 256 > delta.DH_RECOMPUTE_ABOVE_K), st, {})
@@ -53,7 +57,7 @@ CASES = {
                                              RECOMPUTE_A=st > 1 and 128 > delta.DH_RECOMPUTE_ABOVE_K),
                                         st, {})
        for bv, st in delta.STATE_LAUNCH["dh"][128]},
-    "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True), 3, {}),
+    "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True, DELTA=True), 3, {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, VH=2, PREC="tf32", DELTA=True), 3,
                        {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, HS=2, NK=4, PREC="tf32", DELTA=True), 3, {}),
@@ -61,7 +65,8 @@ CASES = {
     "scalar_gla_fwd_g": (delta.chunk_delta_rule_fwd_kernel_wy,
                          dict(D256, HS=2, PREC="tf32", LOG_BT=6, STORE_T=False, DELTA=False), 3, {}),
     **{f"scalar_gla_fwd_h_{bv}x{st}": (delta.chunk_delta_rule_fwd_kernel_h,
-                                       dict(STATE, VH=4, BV=bv, USE_H0=True, STORE_HT=True, PREC="tf32", DELTA=False),
+                                       dict(STATE, VH=4, BV=bv, MIDS=1, USE_H0=True, STORE_HT=True, PREC="tf32",
+                                            DELTA=False),
                                        st,
                                        {})
        for bv, st in delta.STATE_LAUNCH["h"][256]},

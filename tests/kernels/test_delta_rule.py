@@ -225,6 +225,69 @@ def test_varlen_zero_length_segment(impl, gated):
     assert torch.equal(got["ht"][0], inputs[5][0]) and torch.equal(got["ht"][4], inputs[5][4]), errs
 
 
+@pytest.mark.parametrize("parts,heads_per_group", [(2, 2), (3, 1)])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_chunk_triton_time_parts(monkeypatch, parts, heads_per_group, gated):
+    """The backward in time parts (and head groups within each): every sequence's chunks split into `parts` runs,
+    the last run first, each starting from the state the forward kept and handing the gradient at its start to the
+    run before it. Segments of 0, 1, 2, 4 and 5 chunks, so some parts hold no chunk."""
+    monkeypatch.setattr(chunk_mod, "STATE_TIME_PARTS", parts)
+    monkeypatch.setattr(chunk_mod, "STATE_GROUP_PROGRAMS_PER_SM", 6 * heads_per_group)
+    kept = []
+    fwd = chunk_mod.chunk_delta_rule_fwd
+
+    def spy(*args, **kw):
+        out = fwd(*args, **kw)
+        kept.append(out.mid.shape)
+        return out
+
+    monkeypatch.setattr(chunk_mod, "chunk_delta_rule_fwd", spy)
+    cu = torch.tensor([0, 0, 17, 87, 88, 88, 150])
+    inputs = make_inputs(1, 150, 2, 16, 16, gated, N=6)
+    ref = _varlen_reference(inputs, cu, use_qk_l2norm=True)
+    got = run(chunk_delta_rule, inputs, cu_seqlens=cu, use_qk_l2norm=True, backend="triton", chunk_size=16,
+              block_k=16, block_v=16, check_inputs=False)
+    compare(got, ref, 1e-5)
+    assert kept == [(parts - 1, 6, 2, 16, 16)]
+
+
+@pytest.mark.parametrize("segments,heads,D,parts", [
+    (20, 4, 256, 2),   # MoM at B4 x T8192: one head group, h and dh 1.5 GiB
+    (80, 4, 256, 1),   # MoM at B16 x T2048: two head groups of 0.8 GiB
+    (4, 4, 256, 1),    # gated DeltaNet at B4 x T8192
+    (20, 16, 128, 2),  # MoM at H16 x D128, B4 x T8192
+])
+def test_time_parts_rule(monkeypatch, segments, heads, D, parts):
+    """Time parts at 98304 bf16 slots on a 132-SM card: as few as keep a head group's h and dh within 1 GiB."""
+    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    TT = 98304 if segments > 4 else 32768
+    k = torch.empty(1, TT, heads, D, device="meta")
+    d = chunk_mod._dims(k, k, torch.linspace(0, TT, segments + 1).long(), 64, 64, 64)
+    assert chunk_mod._time_parts(d, torch.bfloat16, torch.device("cpu"), True) == parts
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_time_part_tables(parts):
+    """A time part's tables: the parts' segments tile every sequence in order, each part's chunk table lists its own
+    chunks once (compactly numbered, within its bound NT), and its state programs take its segments only."""
+    BT = 16
+    cu = torch.tensor([0, 0, 17, 87, 88, 88, 150, 500])
+    base = chunk_mod._dims(torch.zeros(1, 500, 2, 16), torch.zeros(1, 500, 2, 16), cu, BT, 16, 16, parts)
+    chunks = []
+    for p in range(parts):
+        d = chunk_mod._part(base, p)
+        assert d.N == 7 * parts and d.S == 7 and d.cu[0] == 0 and d.cu[-1] == 500
+        assert torch.equal(d.cu[::parts], cu.int())
+        rows = d.info[d.info[:, 0] < d.N]
+        assert rows.shape[0] <= d.NT and bool((rows[:, 0] % parts == p).all())
+        assert sorted(d.order.tolist()) == list(range(p, 7 * parts, parts))
+        # token start of each chunk, in the base numbering
+        chunks += [int(d.cu[seg]) + local * BT for seg, local in rows.tolist()]
+        assert [int(d.cu_chunks[seg]) + local for seg, local in rows.tolist()] == list(range(rows.shape[0]))
+    want = [int(cu[n]) + i * BT for n in range(7) for i in range((int(cu[n + 1] - cu[n]) + BT - 1) // BT)]
+    assert sorted(chunks) == want
+
+
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 @pytest.mark.parametrize("corr", [0.9, 1.0], ids=["corr0.9", "identical"])
 def test_chunk_correlated_keys(chunk, corr):
@@ -368,10 +431,13 @@ def test_gpu_chunk_bf16_dh_three_stages_k128(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_chunk_bf16_state_head_groups(monkeypatch):
+@pytest.mark.parametrize("parts", [1, 2])
+def test_gpu_chunk_bf16_state_head_groups(monkeypatch, parts):
     """MoM's packing (40 uneven segments, some empty) at H4 x D256 in bf16, the backward's state kernels one head at
-    a time (two programs per SM suffice here), sequences longest first; every gradient against the fp32 reference."""
+    a time (two programs per SM suffice here), sequences longest first, in one or two time parts; every gradient
+    against the fp32 reference."""
     monkeypatch.setattr(chunk_mod, "STATE_GROUP_PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(chunk_mod, "STATE_TIME_PARTS", parts)
     gen = torch.Generator().manual_seed(3)
     cuts = torch.randint(0, 8192, (39,), generator=gen).sort().values
     cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([8192])]).to("cuda", torch.int32)

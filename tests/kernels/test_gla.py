@@ -133,6 +133,17 @@ def test_scalar_state_head_groups(monkeypatch, heads_per_group):
     check(run(triton_chunk, *inputs), run(naive_recurrent_gla, *inputs), 1e-5, f"{heads_per_group} heads per group")
 
 
+def test_scalar_state_time_parts(monkeypatch):
+    """The scalar decay's backward in three time parts (see the delta rule's test): dk and dv are written by the
+    state kernels directly, part by part, from the states the forward kept."""
+    from linear_moe.kernels.delta_rule import chunk as delta_chunk
+
+    monkeypatch.setattr(delta_chunk, "STATE_TIME_PARTS", 3)
+    monkeypatch.setattr(delta_chunk, "DEBUG_POISON", True)
+    inputs = make_inputs("scalar", 2, 200, 2, 32, 16)
+    check(run(triton_chunk, *inputs), run(naive_recurrent_gla, *inputs), 1e-5, "three time parts")
+
+
 def test_fp16():
     q, k, v, g, h0, do, dht = make_inputs("vector", 1, 65, 1, 32, 16, dtype=torch.float16)
     ref = run(naive_recurrent_gla, q.float(), k.float(), v.float(), g, h0, do.float(), dht)

@@ -74,9 +74,10 @@ def measure(fwd, inputs):
     o = fwd(*inputs)
     o = o[0] if isinstance(o, tuple) else o
     do = torch.randn_like(o)
+    # medians, as bench_delta_rule.py and bench_mom.py take (do_bench's default is the mean)
     with torch.no_grad():
-        ms_f = do_bench(lambda: fwd(*inputs), warmup=25, rep=100)
-    ms_fb = do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs))
+        ms_f = do_bench(lambda: fwd(*inputs), warmup=25, rep=100, return_mode="median")
+    ms_fb = do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()

@@ -17,6 +17,7 @@ state kernels keep their loads in the order the H100 tests passed with (see `chu
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -638,6 +639,8 @@ class Forward(NamedTuple):
     """The decayed causal q.k scores [1, TT, H, BT] that the backward reads (forward for training only)."""
     mid: torch.Tensor | None
     """The fp32 states where the backward's time parts 1 .. P - 1 start, [P - 1, N, H, K, V] (training, P > 1)."""
+    d: Dims
+    """The launches' sizes and tables, which the backward reuses."""
 
 
 class Dims(NamedTuple):
@@ -670,11 +673,25 @@ def _order(lengths: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return ids.to(torch.int32)
 
 
-def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, BT: int, BK: int, BV: int, P: int = 1
-          ) -> Dims:
+@functools.lru_cache(maxsize=32)
+def _dense_tables(B: int, T: int, BT: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """cu, cu_chunks, chunk_info and order of a dense batch of B sequences of T tokens: fixed by the shape, so built
+    once (the tables' dozen small launches are host time that a step of short sequences would otherwise wait on)."""
+    cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
+    cu_chunks, info = _chunk_tables(torch.full((B,), triton.cdiv(T, BT), device=device, dtype=torch.int32),
+                                    B * triton.cdiv(T, BT))
+    return cu, cu_chunks, info, torch.arange(B, device=device, dtype=torch.int32)
+
+
+def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, BT: int, BK: int, BV: int, P: int = 1,
+          batch: int = 1) -> Dims:
+    """The launches' sizes and tables; cu_seqlens None: a dense batch of `batch` sequences of equal length."""
     _, TT, H, K = k.shape
     V = v.shape[-1]
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
+    if cu_seqlens is None:
+        cu, cu_chunks, info, order = _dense_tables(batch, TT // batch, BT, k.device)
+        return Dims(TT, H, K, V, batch, BT, BK, BV, KP, cu, cu_chunks, info, info.shape[0], order, batch, P)
     cu = cu_seqlens.to(torch.int32)
     lengths = cu[1:] - cu[:-1]
     N = lengths.numel()
@@ -764,13 +781,14 @@ def _time_parts(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) 
     return min(-(-state_bytes // STATE_PART_BYTES), 8)
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, batch: int = 1,
                          BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
-    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens always given; beta None: gated linear attention (no
+    """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens given or None for `batch` sequences of equal length;
+    beta None: gated linear attention (no
     delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them,
     and the states where its time parts start (`_time_parts`)."""
     dev, dt = q.device, q.dtype
-    d = _dims(k, v, cu_seqlens, BT, BK, BV)
+    d = _dims(k, v, cu_seqlens, BT, BK, BV, batch=batch)
     if training:
         d = d._replace(P=_time_parts(d, dt, dev, beta is not None))
     G = _empty(1, d.TT, d.H, dtype=torch.float32, device=dev)
@@ -787,11 +805,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
         q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
         PREC=dot_precision(q), STORE_A=store_A, DELTA=beta is not None, **_launch("o", dt),
     )
-    return Forward(o, ht, A, mid)
+    return Forward(o, ht, A, mid, d)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do, dht, A, mid,
-                         BT: int = 64, BK: int = 64, BV: int = 64):
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, d: Dims, do, dht, A, mid):
     """The whole backward runs per time part (the forward's `mid` holds where parts after the first start; None:
     one part), last part first, and within a part per head group (see `_state_heads`): the forward's intermediates
     recomputed (all but o and the saved scores A, None when dh recomputes them), the states h, dh through the chunks,
@@ -801,7 +818,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
     A group's intermediates (w, u, T, v_new, du, h, dh, dk's fp32 partial sum, dw) are its own tensors over its
     part's chunks, each dropped after its last reader: the peak is at a group's dqkw kernel, which holds its h and dh
     beside the outputs."""
-    base = _dims(k, v, cu_seqlens, BT, BK, BV, 1 if mid is None else mid.shape[0] + 1)
+    base = d._replace(P=1 if mid is None else mid.shape[0] + 1)
+    BT = base.BT
     dev, dt = q.device, q.dtype
     prec = dot_precision(q)
     NK = triton.cdiv(base.K, base.BK)
@@ -868,24 +886,25 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, cu_seqlens, do,
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, blocks):
-        fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, *blocks,
-                                   training=any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens, fwd.A, fwd.mid)
-        ctx.scale, ctx.blocks = scale, blocks
+    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, batch, blocks):
+        fwd = chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, batch,
+                                   *blocks, training=any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, fwd.A, fwd.mid)
+        # the tables (small int tensors the forward made) go to the backward as they are
+        ctx.scale, ctx.d = scale, fwd.d
         return fwd.o, fwd.ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, g, initial_state, cu_seqlens, A, mid = ctx.saved_tensors
+        q, k, v, beta, g, initial_state, A, mid = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(
-            q, k, v, beta, g, ctx.scale, initial_state, cu_seqlens, do.contiguous(),
-            dht.contiguous() if dht is not None else None, A, mid, *ctx.blocks,
+            q, k, v, beta, g, ctx.scale, initial_state, ctx.d, do.contiguous(),
+            dht.contiguous() if dht is not None else None, A, mid,
         )
         dbeta = dbeta.to(beta.dtype) if dbeta is not None else None
         dg = dg.to(g.dtype)
         dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
-        return dq, dk, dv, dbeta, dg, None, dh0, None, None, None
+        return dq, dk, dv, dbeta, dg, None, dh0, None, None, None, None
 
 
 def chunk_delta_rule(
@@ -945,13 +964,11 @@ def chunk_scalar_decay(q, k, v, beta, g, scale: float, initial_state, output_fin
     kernels without the WY transform. g [B, T, H] or None (no decay). Returns (o [B, T, H, V], final state or None)."""
     B, T, H, _ = q.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, B + 1, device=q.device, dtype=torch.int32) * T
     q, k, v = (x.reshape(1, B * T, *x.shape[2:]).contiguous() for x in (q, k, v))
     beta = beta.reshape(1, B * T, H).contiguous() if beta is not None else None
     # plain DeltaNet runs as the gated rule with log decay 0: one kernel set (the ungated specialisation of the same
     # kernels came out wrong on the H100 at head dim 256, Triton 3.6, while the gated one matches the reference)
     g = g.reshape(1, B * T, H).contiguous() if g is not None else q.new_zeros(1, B * T, H, dtype=torch.float32)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, blocks)
+    o, ht = ChunkDeltaRuleFunction.apply(q, k, v, beta, g, scale, h0, output_final_state, cu_seqlens, B, blocks)
     return o.reshape(B, T, H, V), ht

@@ -266,6 +266,18 @@ def test_time_parts_rule(monkeypatch, segments, heads, D, parts):
     assert chunk_mod._time_parts(d, torch.bfloat16, torch.device("cpu"), True) == parts
 
 
+def test_dense_tables_match_varlen():
+    """A dense batch's tables (built once per shape, no cu_seqlens) list the same chunks as the varlen tables of its
+    offsets, without the varlen bound's idle rows; a second call returns the cached tensors."""
+    k = torch.zeros(1, 3 * 70, 2, 16)
+    dense = chunk_mod._dims(k, k, None, 16, 16, 16, batch=3)
+    varlen = chunk_mod._dims(k, k, torch.tensor([0, 70, 140, 210]), 16, 16, 16)
+    assert torch.equal(dense.cu, varlen.cu) and torch.equal(dense.cu_chunks, varlen.cu_chunks)
+    assert dense.NT == 15 and torch.equal(dense.info, varlen.info[:15]) and bool((varlen.info[15:, 0] == 3).all())
+    assert torch.equal(dense.order, varlen.order) and (dense.N, dense.S) == (3, 3)
+    assert chunk_mod._dims(k, k, None, 16, 16, 16, batch=3).info is dense.info
+
+
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_time_part_tables(parts):
     """A time part's tables: the parts' segments tile every sequence in order, each part's chunk table lists its own

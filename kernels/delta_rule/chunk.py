@@ -690,7 +690,9 @@ def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, BT:
     V = v.shape[-1]
     BK, BV, KP = min(BK, triton.next_power_of_2(K)), min(BV, triton.next_power_of_2(V)), triton.next_power_of_2(K)
     if cu_seqlens is None:
-        cu, cu_chunks, info, order = _dense_tables(batch, TT // batch, BT, k.device)
+        # not cached while a CUDA graph is captured: its launches would fill the cached tensors only on replay
+        tables = _dense_tables.__wrapped__ if k.is_cuda and torch.cuda.is_current_stream_capturing() else _dense_tables
+        cu, cu_chunks, info, order = tables(batch, TT // batch, BT, k.device)
         return Dims(TT, H, K, V, batch, BT, BK, BV, KP, cu, cu_chunks, info, info.shape[0], order, batch, P)
     cu = cu_seqlens.to(torch.int32)
     lengths = cu[1:] - cu[:-1]

@@ -5,6 +5,8 @@ forward (no grad, eval), ms of forward + backward, tokens/s of fwd+bwd, peak GiB
 DeltaNet layer at the same shape. fla and our Gated DeltaNet are optional (rows report their import error).
 
 Run: python benchmarks/bench_mom.py  [SEQS=2048,8192] [TOKENS=32768] [LAYERS=mom_4x2,gdn,...]   (JSON rows in $OUT)
+fla's layers autotune their kernels for minutes on first use: fla_cache.py keeps their configs (FLA_DUMP_DIR) for
+later runs (FLA_CONFIG_DIR, FLA_CACHE_MODE=strict), as for the kernel benchmarks.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import traceback
 
+import fla_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,7 +39,8 @@ def header() -> None:
         commit += " (dirty)" if dirty.strip() else ""
     except OSError:
         commit = "unknown"
-    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}", flush=True)
+    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}\n"
+          f"{fla_cache.describe()}", flush=True)
 
 
 def init_megatron() -> None:
@@ -172,6 +176,7 @@ def measure(ctor, B: int, T: int) -> dict:
 
 
 def main() -> None:
+    fla_cache.dump_on_exit()
     header()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")

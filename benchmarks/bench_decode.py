@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import warnings
 
+import provenance
 import torch
 
 warnings.filterwarnings("ignore")
@@ -40,16 +40,7 @@ MODELS = {
 
 
 def header() -> None:
-    import triton
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", here, "status", "--porcelain"], capture_output=True, text=True,
-                           check=False).stdout.strip()
-    gpu = torch.cuda.get_device_name() if GPU else "no GPU (CPU smoke run)"
-    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\n"
-          f"commit: {commit}{' (dirty)' if dirty else ''}", flush=True)
+    provenance.header(gpu=None if GPU else "no GPU (CPU smoke run)")
 
 
 def build(name: str):

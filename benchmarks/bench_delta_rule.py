@@ -8,9 +8,9 @@ SDPA causal: 2 T^2 D per head forward, 3.5x that for fwd+bwd.
 """
 import json
 import os
-import subprocess
 
 import fla_cache
+import provenance
 import torch
 import torch.nn.functional as F
 import triton
@@ -54,9 +54,7 @@ def measure(run_fwd, leaves):
 
 def main():
     fla_cache.dump_on_exit()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    print("GPU", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
-          "| commit", commit or "unknown", "|", fla_cache.describe(), flush=True)
+    provenance.header(fla_cache.describe())
     try:
         import fla.ops.common.chunk_o as fla_chunk_o
         from fla.ops.delta_rule import chunk_delta_rule as fla_delta

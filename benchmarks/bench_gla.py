@@ -4,7 +4,7 @@
     SHAPES=4x8192x4x256 python benchmarks/bench_gla.py   # chosen shapes only (BxTxHxD, comma-separated)
     FLA_SHAPES= python benchmarks/bench_gla.py            # fla at these shapes only (default SHAPES; empty: none)
 
-Prints the card, torch, triton and commit first, one table last; writes $OUT/bench_gla.json when OUT is set.
+Prints the card, torch, triton and the code (provenance.py) first, one table last; writes $OUT/bench_gla.json when OUT is set.
 TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
 fla's kernels autotune on their first call (several minutes for all shapes): give the run 10 minutes, or reuse
 configs that earlier runs tuned (fla_cache.py).
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import traceback
 
 import fla_cache
+import provenance
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,13 +30,7 @@ FLA_SHAPES = [tuple(map(int, s.split("x"))) for s in os.environ["FLA_SHAPES"].sp
 
 
 def header() -> None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}")
+    provenance.header()
     try:
         import fla
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 import traceback
 
 import fla_cache
+import provenance
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,20 +27,7 @@ DT = torch.bfloat16
 
 
 def header() -> None:
-    import triton
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain"], capture_output=True, text=True,
-                               check=False).stdout
-        commit += " (dirty)" if dirty.strip() else ""
-    except OSError:
-        commit = "unknown"
-    print(f"GPU: {gpu}\ntorch: {torch.__version__}\ntriton: {triton.__version__}\ncommit: {commit}\n"
-          f"{fla_cache.describe()}", flush=True)
+    provenance.header(fla_cache.describe())
 
 
 def init_megatron() -> None:

@@ -115,22 +115,12 @@ def parse_layout(text: str) -> Layout:
 def header() -> dict[str, str]:
     import torch
 
-    try:
-        import triton
+    # provenance.py sits beside this script, which the tests load by its path
+    sys.path.insert(0, str(HERE))
+    import provenance
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "n/a"
-    commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain"], capture_output=True, text=True,
-                           check=False).stdout.strip()
     n = torch.cuda.device_count()
-    gpu = f"{n} x {torch.cuda.get_device_name()}" if n else "no GPU (CPU, gloo)"
-    info = {"gpu": gpu, "torch": torch.__version__, "triton": triton_version,
-            "commit": commit + (" (dirty)" if dirty else "")}
-    print("\n".join(f"{k}: {v}" for k, v in info.items()), flush=True)
-    return info
+    return provenance.header(gpu=f"{n} x {torch.cuda.get_device_name()}" if n else "no GPU (CPU, gloo)")
 
 
 def synthetic_corpus(prefix: Path, tokens: int, seed: int) -> Path:

@@ -239,7 +239,7 @@ def chunk_delta_rule_fwd_kernel_h(
     """The states entering each chunk, h [NT, HS, K, V], and (DELTA) v_new = u - w h, for the HS heads hb, hb + 1,
     ... (a head group); programs take the segments in `order` (longest first). w is the group's, in the chunk layout
     (`_local`); u and v_new have VH heads, the group's (VH = HS, vb = 0, chunk layout) or, without DELTA (u is v, no
-    w), all (VH = H, vb = hb, token layout). The segments are parts of PARTS per sequence (`_part`): h0 and ht
+    w), all (VH = H, vb = hb, token layout). The segments are parts of PARTS per sequence (`_parts`): h0 and ht
     are the sequence's, row n // PARTS. With MIDS > 1 (the forward, PARTS 1) also the fp32 states where parts 1 ..
     MIDS - 1 of a split in MIDS parts would start, mid [MIDS - 1, S, H, K, V]."""
     i_v, i_ns = tl.program_id(0), tl.program_id(1)
@@ -646,7 +646,7 @@ class Forward(NamedTuple):
 class Dims(NamedTuple):
     """Sizes shared by the launches: tokens TT, heads H, K, V, segments N, chunk and block sizes, K padded to a
     power of two, the chunk tables, the order in which the state kernels take the segments, the sequences S (rows
-    of the states) and the time parts P. The forward's segments are the sequences (N = S); a time part's (`_part`)
+    of the states) and the time parts P. The forward's segments are the sequences (N = S); a time part's (`_parts`)
     are S x P, part p of sequence s being segment s * P + p, the other parts' segments holding no chunk."""
     TT: int
     H: int
@@ -703,21 +703,25 @@ def _dims(k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None, BT:
                 _order(lengths, torch.arange(N, device=cu.device)), N, P)
 
 
-def _part(d: Dims, p: int) -> Dims:
-    """Time part p of d.P: each sequence's chunks (n of them) from n p // P to n (p + 1) // P, as the segments of
-    a partition of all tokens into S x P runs, with tables over part p's chunks only: its h, dh and intermediates
-    are numbered compactly. NT bounds a part's chunks: at most ceil(n / P) per sequence."""
+def _parts(d: Dims) -> list[Dims]:
+    """The d.P time parts: part p takes each sequence's chunks (n of them) from n p // P to n (p + 1) // P. All parts
+    share one partition of the tokens into S x P runs (run s * P + p); each part's tables list its own chunks only,
+    so its h, dh and intermediates are numbered compactly. NT bounds a part's chunks: at most ceil(n / P) per
+    sequence."""
     P, S, BT = d.P, d.S, d.BT
     nch = (d.cu[1:] - d.cu[:-1] + BT - 1) // BT
     bounds = torch.stack([nch * i // P for i in range(P)] + [nch], 1)
     cu = torch.cat([(d.cu[:-1, None] + bounds[:, :P] * BT).reshape(-1), d.cu[-1:]])
-    mine = torch.zeros(S, P, dtype=torch.int32, device=cu.device)
-    mine[:, p] = bounds[:, p + 1] - bounds[:, p]
+    counts = bounds[:, 1:] - bounds[:, :P]
+    lengths = (cu[1:] - cu[:-1]).view(S, P)
     NT = (d.TT // BT + S * P) // P
-    cu_chunks, info = _chunk_tables(mine.reshape(-1), NT)
-    lengths = (cu[1:] - cu[:-1]).view(S, P)[:, p]
-    ids = torch.arange(S, device=cu.device) * P + p
-    return d._replace(N=S * P, cu=cu, cu_chunks=cu_chunks, info=info, NT=NT, order=_order(lengths, ids))
+    parts = []
+    for p in range(P):
+        cu_chunks, info = _chunk_tables(torch.where(torch.arange(P, device=cu.device) == p, counts, 0).reshape(-1),
+                                        NT)
+        order = _order(lengths[:, p], torch.arange(S, device=cu.device) * P + p)
+        parts.append(d._replace(N=S * P, cu=cu, cu_chunks=cu_chunks, info=info, NT=NT, order=order))
+    return parts
 
 
 def _local(d: Dims, HS: int, D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -786,9 +790,8 @@ def _time_parts(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) 
 def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, batch: int = 1,
                          BT: int = 64, BK: int = 64, BV: int = 64, training: bool = False) -> Forward:
     """Inputs flattened to [1, TT, H, D] contiguous, cu_seqlens given or None for `batch` sequences of equal length;
-    beta None: gated linear attention (no
-    delta correction). `training`: also keep the scores A for the backward, unless its dh kernel recomputes them,
-    and the states where its time parts start (`_time_parts`)."""
+    beta None: gated linear attention (no delta correction). `training`: also keep the scores A for the backward,
+    unless its dh kernel recomputes them, and the states where its time parts start (`_time_parts`)."""
     dev, dt = q.device, q.dtype
     d = _dims(k, v, cu_seqlens, BT, BK, BV, batch=batch)
     if training:
@@ -810,9 +813,9 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     return Forward(o, ht, A, mid, d)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, d: Dims, do, dht, A, mid):
-    """The whole backward runs per time part (the forward's `mid` holds where parts after the first start; None:
-    one part), last part first, and within a part per head group (see `_state_heads`): the forward's intermediates
+def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, base: Dims, do, dht, A, mid):
+    """The whole backward runs per time part (base.P of them, the forward's; `mid` holds where parts after the first
+    start), last part first, and within a part per head group (see `_state_heads`): the forward's intermediates
     recomputed (all but o and the saved scores A, None when dh recomputes them), the states h, dh through the chunks,
     the per-chunk gradients of q, k, w, then the WY backward (with beta) and the gate's. Without beta (gated linear
     attention) dbeta is None.
@@ -820,7 +823,6 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, d: Dims, do, dh
     A group's intermediates (w, u, T, v_new, du, h, dh, dk's fp32 partial sum, dw) are its own tensors over its
     part's chunks, each dropped after its last reader: the peak is at a group's dqkw kernel, which holds its h and dh
     beside the outputs."""
-    base = d._replace(P=1 if mid is None else mid.shape[0] + 1)
     BT = base.BT
     dev, dt = q.device, q.dtype
     prec = dot_precision(q)
@@ -841,8 +843,9 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, scale, initial_state, d: Dims, do, dh
         dv = _empty(1, base.TT, base.H, base.V, dtype=dt, device=dev)
     BVS, dh_launch, recompute_A = _dh_launch(base, dt, dev, delta)
     HS = _state_heads(base, dev, BVS)
+    parts = [base] if base.P == 1 else _parts(base)
     for p in reversed(range(base.P)):
-        d = base if base.P == 1 else _part(base, p)
+        d = parts[p]
         h_in = initial_state if p == 0 else mid[p - 1]
         dh_in = dht if p == base.P - 1 else dmid
         dh_out = dh0 if p == 0 else dmid

@@ -286,8 +286,7 @@ def test_time_part_tables(parts):
     cu = torch.tensor([0, 0, 17, 87, 88, 88, 150, 500])
     base = chunk_mod._dims(torch.zeros(1, 500, 2, 16), torch.zeros(1, 500, 2, 16), cu, BT, 16, 16, parts)
     chunks = []
-    for p in range(parts):
-        d = chunk_mod._part(base, p)
+    for p, d in enumerate(chunk_mod._parts(base)):
         assert d.N == 7 * parts and d.S == 7 and d.cu[0] == 0 and d.cu[-1] == 500
         assert torch.equal(d.cu[::parts], cu.int())
         rows = d.info[d.info[:, 0] < d.N]

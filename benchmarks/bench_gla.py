@@ -3,6 +3,7 @@
     python benchmarks/bench_gla.py            # bf16, B16xT2048 and B4xT8192 at H4xD256 and H16xD128
     SHAPES=4x8192x4x256 python benchmarks/bench_gla.py   # chosen shapes only (BxTxHxD, comma-separated)
     FLA_SHAPES= python benchmarks/bench_gla.py            # fla at these shapes only (default SHAPES; empty: none)
+    FLA_KERNELS=gla python benchmarks/bench_gla.py        # fla's vector (gla) or scalar (simple_gla) kernels only
 
 Prints the card, torch, triton and the code (provenance.py) first, one table last; writes $OUT/bench_gla.json when OUT is set.
 TFLOP/s counts the chunked algorithm's matmul work (see `gla_flops`), so it compares kernels of one family only.
@@ -27,6 +28,7 @@ SHAPES = [tuple(map(int, s.split("x"))) for s in
           os.environ.get("SHAPES", "16x2048x4x256,4x8192x4x256,16x2048x16x128,4x8192x16x128").split(",")]
 FLA_SHAPES = [tuple(map(int, s.split("x"))) for s in os.environ["FLA_SHAPES"].split(",") if s] \
     if "FLA_SHAPES" in os.environ else SHAPES
+FLA_KERNELS = os.environ.get("FLA_KERNELS", "gla,simple_gla").split(",")
 
 
 def header() -> None:
@@ -104,6 +106,7 @@ def main() -> None:
                 ("fla gla", lambda q, k, v, g: fla_gla(q, k, v, g), (q, k, v, gv), None),
                 ("fla simple_gla", lambda q, k, v, g: fla_simple(q, k, v, g), (q, k, v, gs), None),
             ]
+            cands = [c for c in cands if c[0][4:] in FLA_KERNELS]
         else:
             # SDPA at equal hidden size H*D with head dim 128, causal, [B, heads, T, 128]
             qa, ka, va = (torch.randn(B, hs, T, 128, device=dev, dtype=dt).requires_grad_() for _ in range(3))

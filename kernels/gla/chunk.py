@@ -65,6 +65,23 @@ def _num_warps(default: int) -> int:
     return 1 if os.environ.get("TRITON_INTERPRET") == "1" else default
 
 
+# Launch settings per chunk kernel: (num_warps, num_stages); stages None leaves Triton's default (3). The
+# interpreter runs every kernel with one warp. From a sweep of warps {2, 4, 8} x stages {1, 2, 3, 4} (H100, Triton
+# 3.6, bf16, vector decay, B16 x T2048 at H4 x D256 and H16 x D128): two stages beat three in the loops over chunks or
+# key blocks, and the backward's intra-chunk kernel takes four warps. Kernel ms per fwd+bwd, three stages -> chosen,
+# D256 / D128: h 0.65 -> 0.62 / 0.73 -> 0.72, intra 0.60 -> 0.55 / 1.19 -> 1.10, dh 0.37 -> 0.35 / 0.39 -> 0.39,
+# dv 0.38 -> 0.36 / 0.51 -> 0.48, inter 0.60 -> 0.55 / 0.85 -> 0.73, bwd_intra 1.26 -> 1.18 / 2.48 -> 2.31.
+LAUNCH: dict[str, tuple[int, int | None]] = {
+    "cumsum": (4, None), "h": (4, 2), "intra": (2, 2), "o": (4, None), "dh": (2, 2), "dA": (4, None),
+    "dv": (4, 2), "inter": (4, 2), "bwd_intra": (4, 2), "dg": (4, None),
+}
+
+
+def _launch(name: str) -> dict[str, int]:
+    warps, stages = LAUNCH[name]
+    return {"num_warps": _num_warps(warps)} | ({} if stages is None else {"num_stages": stages})
+
+
 # Varlen bookkeeping without host syncs.
 
 
@@ -581,7 +598,7 @@ def _gate_cumsum(g, B, T, H, K, cu_seqlens, chunk_indices, NT_grid, bs):
     grid = (triton.cdiv(K, BK), NT_grid, B * H)
     chunk_gla_fwd_kernel_cumsum[grid](
         g, gc, cu_seqlens, chunk_indices, T, H=H, K=K, BT=bs["BT"], BK=BK,
-        IS_VARLEN=cu_seqlens is not None, num_warps=_num_warps(4),
+        IS_VARLEN=cu_seqlens is not None, **_launch("cumsum"),
     )
     return gc
 
@@ -595,7 +612,7 @@ def _states(k, v, gc, h0, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else k, ht if ht is not None else k,
         cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=bs["BT"], BK=BK, BV=BV, USE_G=gc is not None,
         USE_H0=h0 is not None, STORE_HT=want_ht, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(k),
-        num_warps=_num_warps(4),
+        **_launch("h"),
     )
     return h, ht
 
@@ -610,7 +627,8 @@ def _meta(q, cu_seqlens, B, T, bs):
 
 
 def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, bs):
-    """Forward on contiguous inputs: returns (o, final_state or None, A) with A [B, T, H, BT] fp32 for the backward."""
+    """Forward on contiguous inputs: returns (o, final_state or None, A, gc) with A [B, T, H, BT] and the gate's
+    chunk-local cumulative sum gc [B, T, H, K] (None without a gate), both fp32, for the backward."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -625,18 +643,20 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
     chunk_gla_fwd_kernel_intra[(NT_grid, NC * NC, B * H)](
         q, k, gc if gc is not None else q, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
         NC=NC, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), DIAG_LOOP=_diag_loop(),
-        num_warps=_num_warps(2),
+        **_launch("intra"),
     )
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     chunk_gla_fwd_kernel_o[(triton.cdiv(V, BV), NT_grid, B * H)](
         q, v, gc if gc is not None else q, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
+        BV=BV, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), **_launch("o"),
     )
-    return o, ht, A
+    return o, ht, A, gc
 
 
-def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
-    """Backward: recompute the gate cumsum and the states, then dh, dv, dq, dk, dg and dh0."""
+def chunk_gla_bwd(q, k, v, g, gc, A, scale, initial_state, cu_seqlens, do, dht, bs):
+    """Backward from the forward's gate cumsum gc and scores A: recompute the states, then dh, dv, dq, dk, dg and
+    dh0. (Recomputing gc instead of keeping it costs a kernel as long as fla's whole cumsum: 0.09 ms at B16 x T2048 x
+    H4 x D256.)"""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -644,7 +664,6 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     chunk_indices, chunk_offsets, NT_grid, NT_total = _meta(q, cu_seqlens, B, T, bs)
     varlen = cu_seqlens is not None
     use_g = g is not None
-    gc = _gate_cumsum(g, B, T, H, K, cu_seqlens, chunk_indices, NT_grid, bs) if use_g else None
     gcp = gc if use_g else q
     # the final state is only needed for the gate's final-state term
     want_ht = use_g and dht is not None
@@ -655,23 +674,23 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     chunk_gla_bwd_kernel_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         q, do, gcp, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu_seqlens, chunk_offsets,
         scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
+        STORE_DH0=dh0 is not None, IS_VARLEN=varlen, PREC=dot_precision(q), **_launch("dh"),
     )
     dA = _empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_kernel_dA[(NT_grid, B * H)](
         v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV, IS_VARLEN=varlen, PREC=dot_precision(q),
-        num_warps=_num_warps(4),
+        **_launch("dA"),
     )
     dv = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     chunk_gla_bwd_kernel_dv[(triton.cdiv(V, BV), NT_grid, B * H)](
         k, gcp, A, do, dh, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g,
-        IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
+        IS_VARLEN=varlen, PREC=dot_precision(q), **_launch("dv"),
     )
     dq_inter = _empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dk_inter = _empty(B, T, H, K, dtype=torch.float32, device=q.device)
     chunk_gla_bwd_kernel_inter[(triton.cdiv(K, BK), NT_grid, B * H)](
         v, gcp, h, do, dh, dq_inter, dk_inter, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
-        BV=BV, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), num_warps=_num_warps(4),
+        BV=BV, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), **_launch("inter"),
     )
     del h, dh  # the fp32 states' last reader has run: dq, dk and dgt can take their memory
     dq = _empty(B, T, H, K, dtype=q.dtype, device=q.device)
@@ -681,7 +700,7 @@ def chunk_gla_bwd(q, k, v, g, A, scale, initial_state, cu_seqlens, do, dht, bs):
     chunk_gla_bwd_kernel_intra[(triton.cdiv(K, BK), NT_grid * NC, B * H)](
         q, k, gcp, dA, dq_inter, dk_inter, dq, dk, dgt if use_g else q, cu_seqlens, chunk_indices, T, H=H, K=K,
         BT=BT, BC=BC, BK=BK, NC=NC, USE_G=use_g, IS_VARLEN=varlen, PREC=dot_precision(q), DIAG_LOOP=_diag_loop(),
-        num_warps=_num_warps(2),
+        **_launch("bwd_intra"),
     )
     dg = gate_grad(dgt, ht, dht, g, cu_seqlens, bs) if use_g else None
     return dq, dk, dv, dg, dh0
@@ -699,7 +718,7 @@ def gate_grad(dgt, ht, dht, g, cu_seqlens, bs=None):
     dg = _empty(B, T, H, K, dtype=torch.float32, device=dgt.device)
     chunk_gla_bwd_kernel_dg[(triton.cdiv(K, BK), N * H)](
         dgt.contiguous(), dg_last if dg_last is not None else dgt, dg, cu_seqlens, chunk_offsets, T, H=H, K=K, BT=BT,
-        BK=BK, USE_DG_LAST=dg_last is not None, IS_VARLEN=cu_seqlens is not None, num_warps=_num_warps(4),
+        BK=BK, USE_DG_LAST=dg_last is not None, IS_VARLEN=cu_seqlens is not None, **_launch("dg"),
     )
     # a scalar gate (the fused recurrent kernels' backward) is broadcast over K: its gradient sums over K
     return (dg.sum(-1) if g.dim() == 3 else dg).to(g.dtype)
@@ -712,17 +731,17 @@ class ChunkGLAFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = g.contiguous() if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        o, ht, A = chunk_gla_fwd(q, k, v, g, scale, h0, output_final_state, cu_seqlens, bs)
-        ctx.save_for_backward(q, k, v, g, h0, A, cu_seqlens)
+        o, ht, A, gc = chunk_gla_fwd(q, k, v, g, scale, h0, output_final_state, cu_seqlens, bs)
+        ctx.save_for_backward(q, k, v, g, gc, h0, A, cu_seqlens)
         ctx.scale, ctx.bs = scale, bs
         ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, A, cu_seqlens = ctx.saved_tensors
+        q, k, v, g, gc, h0, A, cu_seqlens = ctx.saved_tensors
         dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, dv, dg, dh0 = chunk_gla_bwd(q, k, v, g, A, ctx.scale, h0, cu_seqlens, do.contiguous(), dht, ctx.bs)
+        dq, dk, dv, dg, dh0 = chunk_gla_bwd(q, k, v, g, gc, A, ctx.scale, h0, cu_seqlens, do.contiguous(), dht, ctx.bs)
         if dh0 is not None:
             dh0 = dh0.to(ctx.h0_dtype)
         return dq, dk, dv, dg, None, dh0, None, None

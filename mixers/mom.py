@@ -143,12 +143,15 @@ class MixtureOfMemories(LinearMixer):
         """fp32 router logits `[s, b, M]` of the tokens this rank holds (its sequence shard under SP)."""
         return routing.router_logits(hidden_states, self.router.weight)
 
-    def project_dispatch(self, hidden_states: Tensor, slot_of: Tensor, memories: Tensor
+    def project_dispatch(self, hidden_states: Tensor, slot_of: Tensor, memories: Tensor, logits: Tensor | None = None
                          ) -> mom_dispatch.DispatchedTokens:
         """Hidden states `[s, b, h]` (s local under SP) -> gate `[N, H, V]` or None and the packed slots' q `[S, H, K]`,
         k `[S, H, K]`, v `[S, H, V]`, a and beta (or None) `[S, H]`; slot_of, memories `[N, k']` (the shared memory
         included). Each token is projected for q, the gate, the shared memory and its k routed memories only (one
-        GEMM, one grouped GEMM: kernels/mom_dispatch.py), not for all M."""
+        GEMM, one grouped GEMM: kernels/mom_dispatch.py), not for all M.
+
+        `logits` `[N, M]`: the router's, computed without gradient from these hidden states (one TP rank only); the
+        returned logits take the router's gradient through the dense GEMM."""
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(hidden_states, True, group=self.tp_group)
         else:
@@ -158,7 +161,9 @@ class MixtureOfMemories(LinearMixer):
         return mom_dispatch.project(x.reshape(-1, x.shape[-1]), self.in_proj.weight, slot_of, memories,
                                     heads=self.local_heads, k_dim=self.head_k_dim, v_dim=self.head_v_dim,
                                     num_memories=self.num_memories, has_gate=self.mixer_config.use_output_gate,
-                                    has_beta=self.op == "delta_rule", shared=self.shared, backend=self.backend)
+                                    has_beta=self.op == "delta_rule", shared=self.shared,
+                                    router=None if logits is None else (self.router.weight, logits),
+                                    backend=self.backend)
 
     def memory_inputs(self, q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor | None,
                       cu_seqlens: Tensor | None = None, conv_state: Tensor | None = None, fresh: bool = True
@@ -259,25 +264,37 @@ class MixtureOfMemories(LinearMixer):
                 raise ValueError("mixer 'mom': decoding takes [s, b] batches, not packed (THD) input")
             return self.decode(hidden_states, inference_context)
         mc, M = self.mixer_config, self.num_memories
-        logits_local = self.router_logits(hidden_states)
-        if self.config.sequence_parallel:
-            logits = tensor_parallel.gather_from_sequence_parallel_region(logits_local, True, group=self.tp_group)
+        # On one TP rank the router rides on the dense projection GEMM (its gradient too, see project_dispatch): the
+        # logits that route are computed without gradient, and the projection returns them with it.
+        fused_router = self.tp_size == 1
+        if fused_router:
+            with torch.no_grad():
+                logits = self.router_logits(hidden_states)
         else:
-            # the heads of every TP rank use these logits: their gradient must be summed over ranks
-            logits = tensor_parallel.copy_to_tensor_model_parallel_region(logits_local, group=self.tp_group)
+            logits_local = self.router_logits(hidden_states)
+            if self.config.sequence_parallel:
+                logits = tensor_parallel.gather_from_sequence_parallel_region(logits_local, True, group=self.tp_group)
+            else:
+                # the heads of every TP rank use these logits: their gradient must be summed over ranks
+                logits = tensor_parallel.copy_to_tensor_model_parallel_region(logits_local, group=self.tp_group)
         T, B = logits.shape[:2]
         N = T * B
         seq_id, num_seqs, seq_lens = self.sequences(T, B, packed_seq_params, logits.device)
-        probs, weights, memories = routing.route(logits.reshape(N, M), self.topk)
+        with torch.no_grad():
+            memories = routing.route(logits.reshape(N, M), self.topk)[2]
         capacity = None
         if mc.capacity_factor is not None:
             capacity = routing.capacity_per_sequence(seq_lens, mc.capacity_factor, self.topk, M)
         d = routing.build_dispatch(memories, seq_id, num_seqs, M, self.shared, capacity)
+
+        p = self.project_dispatch(hidden_states, d.slot_of, d.memories, logits.reshape(N, M) if fused_router else None)
+        if fused_router:
+            logits = logits_local = p.logits.view(T, B, M)
+        probs, weights = routing.route_given(logits.reshape(N, M), memories)
         if d.keep is not None:
             weights = routing.renormalise_kept(weights, d.keep)
-
-        gate, *slots = self.project_dispatch(hidden_states, d.slot_of, d.memories)
-        qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens)
+        qk, kk, vk, g, beta = self.memory_inputs(p.q, p.k, p.v, p.a, p.beta, d.cu_seqlens)
+        gate = p.gate
         # [S, H, V]; a view, so its backward passes the gradient on as it is (o[0]'s fills a zero tensor and copies)
         o = self.scan(qk, kk, vk, g, beta, d.cu_seqlens).squeeze(0)
         if self.shared:
@@ -325,7 +342,7 @@ class MixtureOfMemories(LinearMixer):
             rows = tok * Mt + mems.reshape(-1)
             cs = conv_rows.index_select(0, rows)
             # slots in token order: slot b * k' + j is token b's j-th memory
-            gate, *slots = self.project_dispatch(hidden_states, torch.arange(B * kp, device=dev).view(B, kp), mems)
+            gate, *slots, _ = self.project_dispatch(hidden_states, torch.arange(B * kp, device=dev).view(B, kp), mems)
             qk, kk, vk, g, beta = self.memory_inputs(*slots, None, conv_state=cs if self.conv is not None else None,
                                                      fresh=False)
             if self.conv is not None:
@@ -344,7 +361,7 @@ class MixtureOfMemories(LinearMixer):
         else:
             seq_id = torch.arange(N, device=dev) % B
             d = routing.build_dispatch(memories, seq_id, B, M, self.shared)
-            gate, *slots = self.project_dispatch(hidden_states, d.slot_of, d.memories)
+            gate, *slots, _ = self.project_dispatch(hidden_states, d.slot_of, d.memories)
             qk, kk, vk, g, beta = self.memory_inputs(*slots, d.cu_seqlens, conv_state=conv_rows if self.conv is not None
                                                      else None, fresh=fresh)
             extras = {"beta": beta} if beta is not None else {}

@@ -77,6 +77,14 @@ def route(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor, 
     return probs, weights / weights.sum(-1, keepdim=True), memories
 
 
+def route_given(logits: torch.Tensor, memories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` with the memories already chosen (from the same logits, without gradient): (probs, weights), the
+    values `route` gives, with the gradient through these logits."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights = probs.gather(1, memories)
+    return probs, weights / weights.sum(-1, keepdim=True)
+
+
 def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, num_memories: int, shared: bool,
                    capacity: torch.Tensor | None = None) -> Dispatch:
     """Packed order of the routed slots, sorted by (sequence, memory), arrival order kept within a group.

@@ -99,12 +99,49 @@ def test_head_shaped_inputs(poisoned_empty):
     row_of = torch.randperm(N * 2).view(N, 2)
     xd, yr = torch.randn(N, H, 8 + 8 + 18), torch.randn(N * 2, H, 18)
     ref = naive_dispatch(xd, yr, slot_of, row_of, **dims)
-    grads = [torch.randn_like(t) for t in ref]
+    grads = [None if t is None else torch.randn_like(t) for t in ref]
     got, dxd, dyr = run(xd, yr, slot_of, row_of, grads, dims, "triton", {0, 1, 2, 3, 4, 5})
     _, dxd_ref, dyr_ref = run(xd, yr, slot_of, row_of, grads, dims, "torch", {0, 1, 2, 3, 4, 5})
-    assert all(torch.equal(t, r) for t, r in zip(got, ref, strict=True))
+    assert all(t is r is None or torch.equal(t, r) for t, r in zip(got, ref, strict=True))
     assert dxd.shape == xd.shape and dyr.shape == yr.shape
     assert rel(dxd, dxd_ref) < 1e-6 and torch.equal(dyr, dyr_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_router_columns(dtype, poisoned_empty):
+    """With router logits, xd ends in router columns: the logits come back with their values, and their gradient
+    lands in those columns (padding columns zero), in the Triton dispatch as in the straight-through definition; the
+    other pieces and gradients are the same as without them. Also without a logits gradient (columns zero)."""
+    torch.manual_seed(0)
+    M = 5
+    C = mom_dispatch.router_columns(M)
+    assert C == 8
+    dims = {"heads": H, "k_dim": 8, "v_dim": 8, "has_gate": True, "has_beta": True}
+    ud = 8 + 8 + 18
+    slot_of, _ = routing(3, True)
+    row_of = torch.randperm(N * 2).view(N, 2)
+    xd, yr = torch.randn(N, H * ud + C, dtype=dtype), torch.randn(N * 2, H * 18, dtype=dtype)
+    logits = torch.randn(N, M)
+    for used in ({0, 1, 2, 3, 4, 5, 6}, {1, 2}):
+        res = []
+        for backend in ("triton", "torch"):
+            x = xd.clone().requires_grad_()
+            out = dispatch(x, yr, slot_of, row_of, **dims, logits=logits, backend=backend)
+            assert torch.equal(out.logits, logits)
+            torch.manual_seed(1)
+            grads = [torch.randn(t.shape) for t in out]
+            sum((t.float() * grads[i]).sum() for i, t in enumerate(out) if i in used).backward()
+            res.append((out, x.grad, grads[6]))
+        (got, dxd, dl), (ref, dxd_ref, _) = res
+        for name, t, r in zip(got._fields, got, ref, strict=True):
+            assert torch.equal(t.float(), r.float()), name
+        tail = dxd[:, H * ud:].float()
+        want = dl.to(dtype).float() if 6 in used else torch.zeros(N, M)
+        assert torch.equal(tail[:, :M], want) and torch.count_nonzero(tail[:, M:]) == 0, used
+        assert torch.equal(tail, dxd_ref[:, H * ud:].float())
+        assert rel(dxd[:, :H * ud], dxd_ref[:, :H * ud]) < 2e-3
+    with pytest.raises(ValueError, match="router columns"):
+        dispatch(xd[:, :-1], yr, slot_of, row_of, **dims, logits=logits)
 
 
 def test_bad_shapes():
@@ -137,12 +174,16 @@ def unit_width(K, V, gate, beta, M, shared):
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "every-memory"])
-@pytest.mark.parametrize("kp,shared,gate,beta,backend", [(3, True, True, True, "torch"),
-                                                        (2, False, False, True, "torch"),
-                                                        (3, True, True, False, "triton")],
-                         ids=["k2-shared-gate-beta", "k2-noshared-beta", "k2-shared-gate-nobeta-triton"])
-def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backend, monkeypatch, poisoned_empty):
-    """Memory 0 is chosen by no token (an empty group); odd widths (K 6, V 10) make the grouped rows need padding."""
+@pytest.mark.parametrize("kp,shared,gate,beta,backend,router", [(3, True, True, True, "torch", False),
+                                                               (2, False, False, True, "torch", True),
+                                                               (3, True, True, False, "triton", False),
+                                                               (3, True, True, True, "triton", True)],
+                         ids=["k2-shared-gate-beta", "k2-noshared-beta-router", "k2-shared-gate-nobeta-triton",
+                              "k2-shared-gate-beta-router-triton"])
+def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backend, router, monkeypatch,
+                                          poisoned_empty):
+    """Memory 0 is chosen by no token (an empty group); odd widths (K 6, V 10) make the grouped rows need padding.
+    With the router on the dense GEMM, its logits' gradient reaches x and the router's weight as F.linear's does."""
     torch.manual_seed(0)
     monkeypatch.setattr(mom_dispatch, "grouped_gemm_ok", lambda x: grouped)
     K, V, h = 6, 10, 24
@@ -153,23 +194,32 @@ def test_project_equals_every_memory_gemm(grouped, kp, shared, gate, beta, backe
         memories[:, -1] = MT
     x = torch.randn(N, h, requires_grad=True)
     weight = torch.randn(H * unit_width(K, V, gate, beta, MT, shared), h, requires_grad=True)
+    router_w = torch.randn(MT, h, requires_grad=True)
+
+    def reference():
+        out = project_reference(x, weight, slot_of, memories, dims, MT, shared)
+        return out._replace(logits=F.linear(x, router_w)) if router else out
+
     grads = None
     res = []
-    for fn in (lambda: project(x, weight, slot_of, memories, **dims, num_memories=MT, shared=shared, backend=backend),
-               lambda: project_reference(x, weight, slot_of, memories, dims, MT, shared)):
+    for fn in (lambda: project(x, weight, slot_of, memories, **dims, num_memories=MT, shared=shared,
+                               router=(router_w, F.linear(x, router_w).detach()) if router else None, backend=backend),
+               reference):
         out = fn()
         if grads is None:
             grads = [None if t is None else torch.randn_like(t) for t in out]
         sum((t * g).sum() for t, g in zip(out, grads, strict=True) if t is not None).backward()
-        res.append((out, x.grad, weight.grad))
-        x.grad = weight.grad = None
+        res.append((out, x.grad, weight.grad, router_w.grad))
+        x.grad = weight.grad = router_w.grad = None
     (got, *dgot), (ref, *dref) = res
     for name, t, r in zip(got._fields, got, ref, strict=True):
         assert (t is None) == (r is None), name
         if t is not None:
             assert rel(t, r) < 1e-5, name
-    for name, t, r in zip(("x", "weight"), dgot, dref, strict=True):
-        assert rel(t, r) < 1e-5, name
+    for name, t, r in zip(("x", "weight", "router"), dgot, dref, strict=True):
+        assert (t is None) == (not router) if name == "router" else t is not None, name
+        if t is not None:
+            assert rel(t, r) < 1e-5, name
     # the rows of the memory that no token chose
     lead = K + (V if gate else 0)
     dm = K + V + 1 + beta
@@ -188,7 +238,8 @@ def test_project_bad_shapes():
 @pytest.mark.gpu
 def test_gpu_bf16_full_shape():
     """bf16 at MoM's benchmark size (32768 tokens, top-2 of 4 + shared, 4 heads x 256, hidden 2048), memory 0 chosen
-    by no token: the grouped GEMM path against the fp32 every-memory definition, pieces and every gradient."""
+    by no token, the router on the dense GEMM: the grouped GEMM path against the fp32 every-memory definition (router
+    logits by F.linear), pieces and every gradient."""
     # this test is about the grouped path; elsewhere the layer takes the dense fallback, which the CPU tests cover
     if not mom_dispatch.grouped_gemm_ok(torch.empty(1, device="cuda", dtype=torch.bfloat16)):
         pytest.skip("torch's grouped GEMM needs bf16 on sm90 / sm100 and torch >= 2.10")
@@ -200,9 +251,18 @@ def test_gpu_bf16_full_shape():
     slot_of = torch.randperm(Ntok * 3, device="cuda").view(Ntok, 3)
     x = torch.randn(Ntok, h, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(H4 * unit_width(K, V, True, True, M, True), h, device="cuda") * h ** -0.5).bfloat16()
+    router_w = (torch.randn(M, h, device="cuda") * h ** -0.5).bfloat16()
+
+    def ours(x, w, r):
+        with torch.no_grad():  # the routing logits: their gradient comes through the projection
+            logits = torch.mm(x, r.t(), out_dtype=torch.float32)
+        return project(x, w, slot_of, memories, **dims, num_memories=M, shared=True, router=(r, logits))
+
+    def reference(x, w, r):
+        return project_reference(x, w, slot_of, memories, dims, M, True)._replace(logits=F.linear(x, r))
+
     res = []
-    for fn, args in ((lambda *a: project(*a, slot_of, memories, **dims, num_memories=M, shared=True), (x, weight)),
-                     (lambda *a: project_reference(*a, slot_of, memories, dims, M, True), (x.float(), weight.float()))):
+    for fn, args in ((ours, (x, weight, router_w)), (reference, (x.float(), weight.float(), router_w.float()))):
         leaves = [t.clone().requires_grad_() for t in args]
         out = fn(*leaves)
         torch.manual_seed(1)
@@ -212,6 +272,6 @@ def test_gpu_bf16_full_shape():
     (got, dgot), (ref, dref) = res
     for i, (t, r) in enumerate(zip(got, ref, strict=True)):
         assert rel(t, r) < 1e-2, (i, rel(t, r))
-    for name, t, r in zip(("x", "weight"), dgot, dref, strict=True):
+    for name, t, r in zip(("x", "weight", "router"), dgot, dref, strict=True):
         assert rel(t, r) < 1e-2, (name, rel(t, r))
     assert torch.count_nonzero(dgot[1].view(H4, -1, h)[:, K + V:K + V + K + V + 2]) == 0

@@ -90,6 +90,13 @@ def test_decode_matches_forward(name, pattern, overrides, T):
 def test_gpu_bf16_decode_matches_forward(name, pattern, overrides):
     # head_dim 64 (the Triton tiles want >= 16), 300 tokens: prefill through the chunked kernels, steps through the
     # fused recurrent ones
+    if name.startswith("mom-"):
+        # One MoM layer, whose router reads the embeddings: the same values in both passes. Behind a first layer,
+        # bf16 rounding that differs between the chunked forward and the steps can flip a near-tied top-k choice
+        # and send a token to another memory (mom-gla, top-1 of 3: decode error 0.2 over the 15 tokens after one
+        # flip at position ~105, while the fp32 decode on the GPU matches the forward to 7e-7). Scaling the router
+        # does not help: it scales the rounding with the margin.
+        pattern = pattern[:2]
     dims = ("model.hidden_size=256", "model.num_attention_heads=4",
             *(f"model.mixers.{n}.head_dim=64" for n in registered() if n != "attention"))
     cfg, model = build_model(pattern, *dims, *overrides, "train.seq_length=320")

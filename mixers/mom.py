@@ -13,9 +13,11 @@ The forward pass is sync-free (no host reads, fixed shapes):
 2. Each token is projected once for q, the output gate and the shared memory (one GEMM), and for its k routed
    memories only (ONE grouped GEMM over the routed pairs sorted by memory, offsets on the device): k / M of the
    routed FLOPs of projecting every token for every memory. The weights stay one column-parallel in_proj whose
-   head-major unit layout keeps TP and checkpoints on the stock rules (see LinearMixer); each pass takes its dense
-   and per-memory rows as copies. Where torch's grouped GEMM would read its offsets on the host (CUDA dtypes other
-   than bf16, GPUs other than sm90 / sm100) every token is projected for every memory instead.
+   head-major unit layout keeps TP and checkpoints on the stock rules (see LinearMixer); the forward takes its dense
+   and per-memory rows as copies, which the backward reuses. Where torch's grouped GEMM would read its offsets on
+   the host (CUDA dtypes other than bf16, GPUs other than sm90 / sm100) every token is projected for every memory
+   instead. On one TP rank the router's rows join the dense GEMM: its fp32 logits route without gradient and take
+   their gradient through that GEMM (kernels/mom_dispatch.py); under TP each rank runs the router on its own.
 3. One fused dispatch (kernels/mom_dispatch.py) copies q and each slot's own memory projections into the packed
    order (its backward writes each projection gradient once, no atomics); the short conv and ONE varlen kernel call
    run over all routed and shared segments together.

@@ -26,6 +26,16 @@ def use_triton(x: torch.Tensor, backend: str | None) -> bool:
     return backend == "triton"
 
 
+def stable_sort_small(key: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.sort(key, stable=True)` of integer keys in [0, bound), sorted in the narrowest dtype that holds them:
+    the GPU's radix sort makes one pass per key byte, so MoM's routing keys (tens of values) take one pass instead of
+    eight. The sorted keys come back in key's dtype (they index other tensors)."""
+    small = next(dt for dt, top in ((torch.uint8, 2**8), (torch.int16, 2**15), (torch.int32, 2**31), (key.dtype, None))
+                 if top is None or bound <= top)
+    values, order = torch.sort(key.to(small), stable=True)
+    return values.to(key.dtype), order
+
+
 def fit_chunk(chunk_size: int, T: int, minimum: int = 1) -> int:
     """The torch paths' chunk for sequences of (padded) length T: a power of two no longer than they need (short
     sequences, such as MoM's per-memory segments, would otherwise pay for a full chunk's [BT, BT] products) and at

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.common import stable_sort_small, use_triton
 from linear_moe.kernels.mom_combine import combine
 
 
@@ -413,7 +413,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, slot_of: torch.Tensor, memori
     if grouped_gemm_ok(x):
         flat = routed.reshape(-1)
         # routed pairs sorted by memory, in token order within one: row r holds pair src_pair[r] = n * k + j
-        src_pair = torch.sort(flat, stable=True).indices
+        src_pair = stable_sort_small(flat, M)[1]
         row_of = torch.empty_like(src_pair).scatter_(0, src_pair, torch.arange(N * k, device=x.device)).view(N, k)
         offs = torch.zeros(M, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         lay = Layout(heads, lead, M, dm, -heads * dm % (16 // x.element_size()), nr)

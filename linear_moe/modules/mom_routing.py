@@ -1,8 +1,8 @@
 """Sync-free token routing for Mixture-of-Memories: top-k routing, dispatch into per-(sequence, memory) segments, combine.
 
 Every routed slot (token, memory) gets a place in one packed order sorted by (sequence, memory) and, within a group,
-by arrival. The order comes from ONE stable sort of a small integer key; group sizes from a `scatter_add_` histogram
-of fixed size. The number of segments is fixed (sequences x memories, the shared memory included; twice that for the
+by arrival. The order comes from ONE stable sort of a small integer key (in its narrowest dtype); group sizes from
+a `scatter_add_` histogram of fixed size. The number of segments is fixed (sequences x memories, the shared memory included; twice that for the
 routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a fixed shape and everything
 stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from linear_moe.kernels import mom_combine
+from linear_moe.kernels.common import stable_sort_small
 
 
 @dataclass
@@ -103,7 +104,7 @@ def build_dispatch(memories: torch.Tensor, seq_id: torch.Tensor, num_seqs: int, 
     S = N * kp
     G = num_seqs * M_tot
     key = (seq_id[:, None] * M_tot + memories).reshape(S)
-    sorted_key, perm = torch.sort(key, stable=True)
+    sorted_key, perm = stable_sort_small(key, G)
     ar = torch.arange(S, device=dev)
     slot_of = torch.empty_like(perm).scatter_(0, perm, ar).view(N, kp)
     counts = torch.zeros(G, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from linear_moe.kernels import mom_dispatch
+from linear_moe.kernels.common import stable_sort_small
 from linear_moe.kernels.mom_dispatch import dispatch, naive_dispatch, project
 
 H, N, MT = 2, 13, 4
@@ -233,6 +234,18 @@ def test_project_bad_shapes():
     with pytest.raises(ValueError, match="project takes"):
         project(x, torch.randn(H * unit_width(4, 4, False, False, MT, True) - 1, 8), slot_of, memories, **dims,
                 num_memories=MT, shared=True)
+
+
+@pytest.mark.parametrize("bound", [1, 80, 256, 257, 2**15, 2**15 + 1])
+def test_stable_sort_small_equals_torch_sort(bound):
+    """Routing keys sort in their narrowest dtype (uint8 up to 256 values, int16, int32) with torch's stable order,
+    the bounds of each dtype included; the sorted keys keep the input's dtype."""
+    g = torch.Generator().manual_seed(bound)
+    key = torch.cat([torch.randint(0, bound, (3000,), generator=g), torch.tensor([0, bound - 1])])
+    values, order = stable_sort_small(key, bound)
+    ref = torch.sort(key, stable=True)
+    assert values.dtype == key.dtype
+    assert torch.equal(values, ref.values) and torch.equal(order, ref.indices)
 
 
 @pytest.mark.gpu

@@ -29,7 +29,9 @@ from linear_moe.kernels.delta_rule.chunk import chunk_scalar_decay
 from linear_moe.kernels.gla.naive import torch_chunk_gla, validate_gla_inputs
 
 # Block sizes of the Triton path; tests monkeypatch this (or set LINEAR_MOE_GLA_BLOCKS="BK=32,BV=32") to vary them.
-BLOCK_SIZES = {"BT": 64, "BC": 16, "BK": 64, "BV": 64}
+# BK_DIAG (default 256: the whole key dim up to 256) is the key block of the forward's diagonal sub-chunk blocks: in one
+# block they took 0.43 -> 0.39 ms at B16 x T2048 x H4 x D256 and 0.83 -> 0.73 ms at H16 x D128 against 64 (H100, bf16).
+BLOCK_SIZES = {"BT": 64, "BC": 16, "BK": 64, "BV": 64, "BK_DIAG": 256}
 # Fill every Triton output with NaN before launch so unwritten elements show up in tests.
 POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 # Diagonal sub-chunk blocks by a column loop (True), by a [BC, BC, BK] tensor (False), or auto (None).
@@ -37,7 +39,7 @@ DIAG_LOOP: bool | None = None
 
 
 def _block_sizes(K: int, V: int) -> dict[str, int]:
-    bs = dict(BLOCK_SIZES)
+    bs = {"BK_DIAG": 256} | BLOCK_SIZES
     env = os.environ.get("LINEAR_MOE_GLA_BLOCKS")
     if env:
         for item in env.split(","):
@@ -71,9 +73,12 @@ def _num_warps(default: int) -> int:
 # key blocks, and the backward's intra-chunk kernel takes four warps. Kernel ms per fwd+bwd, three stages -> chosen,
 # D256 / D128: h 0.65 -> 0.62 / 0.73 -> 0.72, intra 0.60 -> 0.55 / 1.19 -> 1.10, dh 0.37 -> 0.35 / 0.39 -> 0.39,
 # dv 0.38 -> 0.36 / 0.51 -> 0.48, inter 0.60 -> 0.55 / 0.85 -> 0.73, bwd_intra 1.26 -> 1.18 / 2.48 -> 2.31.
+# The forward's diagonal sub-chunk blocks run in a launch of their own (intra_diag; four warps when the key block is
+# 256 wide): the forward's intra-chunk time 0.55 -> 0.53 ms at D256 and 1.09 -> 1.00 ms at D128 (same sweep).
 LAUNCH: dict[str, tuple[int, int | None]] = {
     "cumsum": (4, None), "h": (4, 2), "intra": (2, 2), "o": (4, None), "dh": (2, 2), "dA": (4, None),
-    "dv": (4, 2), "inter": (4, 2), "bwd_intra": (4, 2), "dg": (4, None),
+    "dv": (4, 2), "inter": (4, 2), "bwd_intra": (4, 2), "dg": (4, None), "intra_diag": (2, 2),
+    "intra_diag_wide": (4, 2),
 }
 
 
@@ -219,12 +224,15 @@ def chunk_gla_fwd_kernel_h(
 def chunk_gla_fwd_kernel_intra(
     q, k, gc, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NC: tl.constexpr,
-    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, DIAG_LOOP: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Intra-chunk scores A [B, T, H, BT] fp32 (scale folded in, zero above the diagonal), one BC x BC block each."""
+    """Intra-chunk scores A [B, T, H, BT] fp32 (scale folded in, zero above the diagonal), one BC x BC block off the
+    diagonal each (`chunk_gla_fwd_kernel_intra_diag` writes the diagonal blocks)."""
     i_c, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_i, i_j = i_ij // NC, i_ij % NC
+    if i_i == i_j:
+        return
     i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     if i_t < 0:
         return
@@ -254,35 +262,58 @@ def chunk_gla_fwd_kernel_intra(
                 b_A += tl.dot(b_qg, b_kg, input_precision=PREC)
             else:
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
-    elif i_i == i_j:
-        if USE_G:
-            for i_k in range(tl.cdiv(K, BK)):
-                o_k = i_k * BK + tl.arange(0, BK)
-                p_q, mp_q = _bp(q + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
-                p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
-                b_q = tl.load(p_q, mask=mp_q, other=0).to(tl.float32)
-                b_g = tl.load(p_g, mask=mp_g, other=0)
-                if DIAG_LOOP:
-                    for jj in range(BC):
-                        m_j = o_k < tl.where(row0 + jj < T_n, K, 0)
-                        b_kj = tl.load(k + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
-                        b_gj = tl.load(gc + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0)
-                        b_a = tl.sum(b_q * b_kj[None, :] * tl.exp(b_g - b_gj[None, :]), 1)
-                        b_A += tl.where((o_r[:, None] >= jj) & (o_r[None, :] == jj), b_a[:, None], 0)
-                else:
-                    # the same sums as one [BC, BC, BK] tensor (cheaper under the interpreter)
-                    p_k, mp_k = _bp(k + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
-                    b_k = tl.load(p_k, mask=mp_k, other=0).to(tl.float32)
-                    b_E = tl.where((o_r[:, None] >= o_r[None, :])[:, :, None],
-                                   tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
-                    b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_E, 2)
-        else:
-            for i_k in range(tl.cdiv(K, BK)):
-                p_q, mp_q = _bp(q + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
-                p_kt, mp_kt = _bp(k + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, col0, BK, BC)
-                b_A += tl.dot(tl.load(p_q, mask=mp_q, other=0), tl.load(p_kt, mask=mp_kt, other=0),
-                              input_precision=PREC)
-            b_A = tl.where(o_r[:, None] >= o_r[None, :], b_A, 0)
+    tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=mp_A)
+
+
+@triton.jit
+def chunk_gla_fwd_kernel_intra_diag(
+    q, k, gc, A, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    USE_G: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, DIAG_LOOP: tl.constexpr,
+):
+    """The diagonal blocks of A, one sub-chunk each, summed pairwise (every exponent <= 0); its key block can span
+    the whole key dim (a launch of its own: these blocks take three quarters of the forward's intra-chunk time)."""
+    i_c, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    if i_t < 0:
+        return
+    row0 = i_t * BT + i_i * BC
+    if row0 >= T_n:
+        return
+    p_A, mp_A = _bp(A + (bos * H + i_h) * BT, T_n, BT, H * BT, 1, row0, i_i * BC, BC, BC)
+    o_r = tl.arange(0, BC)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    if USE_G:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            p_q, mp_q = _bp(q + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
+            p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
+            b_q = tl.load(p_q, mask=mp_q, other=0).to(tl.float32)
+            b_g = tl.load(p_g, mask=mp_g, other=0)
+            if DIAG_LOOP:
+                for jj in range(BC):
+                    m_j = o_k < tl.where(row0 + jj < T_n, K, 0)
+                    b_kj = tl.load(k + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
+                    b_gj = tl.load(gc + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0)
+                    b_a = tl.sum(b_q * b_kj[None, :] * tl.exp(b_g - b_gj[None, :]), 1)
+                    b_A += tl.where((o_r[:, None] >= jj) & (o_r[None, :] == jj), b_a[:, None], 0)
+            else:
+                # the same sums as one [BC, BC, BK] tensor
+                p_k, mp_k = _bp(k + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
+                b_k = tl.load(p_k, mask=mp_k, other=0).to(tl.float32)
+                b_E = tl.where((o_r[:, None] >= o_r[None, :])[:, :, None],
+                               tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
+                b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_E, 2)
+    else:
+        for i_k in range(tl.cdiv(K, BK)):
+            p_q, mp_q = _bp(q + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
+            p_kt, mp_kt = _bp(k + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, row0, BK, BC)
+            b_A += tl.dot(tl.load(p_q, mask=mp_q, other=0), tl.load(p_kt, mask=mp_kt, other=0),
+                          input_precision=PREC)
+        b_A = tl.where(o_r[:, None] >= o_r[None, :], b_A, 0)
+
+
     tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=mp_A)
 
 
@@ -640,10 +671,17 @@ def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqle
                     chunk_offsets, bs)
     A = _empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     NC = BT // BC
+    common = {"H": H, "K": K, "BT": BT, "BC": BC, "USE_G": gc is not None, "IS_VARLEN": varlen,
+              "PREC": dot_precision(q)}
     chunk_gla_fwd_kernel_intra[(NT_grid, NC * NC, B * H)](
-        q, k, gc if gc is not None else q, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-        NC=NC, USE_G=gc is not None, IS_VARLEN=varlen, PREC=dot_precision(q), DIAG_LOOP=_diag_loop(),
+        q, k, gc if gc is not None else q, A, cu_seqlens, chunk_indices, scale, T, BK=BK, NC=NC, **common,
         **_launch("intra"),
+    )
+    wide = K > 128
+    chunk_gla_fwd_kernel_intra_diag[(NT_grid, NC, B * H)](
+        q, k, gc if gc is not None else q, A, cu_seqlens, chunk_indices, scale, T,
+        BK=min(bs["BK_DIAG"], max(16, triton.next_power_of_2(K))), DIAG_LOOP=_diag_loop(), **common,
+        **_launch("intra_diag_wide" if wide else "intra_diag"),
     )
     o = _empty(B, T, H, V, dtype=v.dtype, device=q.device)
     chunk_gla_fwd_kernel_o[(triton.cdiv(V, BV), NT_grid, B * H)](

@@ -30,7 +30,7 @@ def _poison(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     # BK, BV below K, V so that several key/value blocks are exercised on CPU.
-    monkeypatch.setattr(chunk_mod, "BLOCK_SIZES", {"BT": 64, "BC": 16, "BK": 16, "BV": 16})
+    monkeypatch.setattr(chunk_mod, "BLOCK_SIZES", {"BT": 64, "BC": 16, "BK": 16, "BV": 16, "BK_DIAG": 16})
 
 
 def make_inputs(mode, B, T, H, K, V, N=None, dtype=torch.float32, device="cpu"):
@@ -227,8 +227,8 @@ def test_backend_argument():
 
 GPU_BLOCKS = [
     {"BT": 64, "BC": 16, "BK": 64, "BV": 64},
-    {"BT": 64, "BC": 16, "BK": 32, "BV": 32},
-    {"BT": 64, "BC": 16, "BK": 64, "BV": 32},
+    {"BT": 64, "BC": 16, "BK": 32, "BV": 32, "BK_DIAG": 64},
+    {"BT": 64, "BC": 16, "BK": 64, "BV": 32, "BK_DIAG": 128},
 ]
 # bf16 inputs, bf16 outputs/grads, bf16 dot operands. Measured on an H100 (Triton 3.6, BK=BV=64, B2 T1024 H4 D256,
 # gates logsigmoid(3x+2)): o, ht, dq, dk, dv, dh0 1.2e-3..2.5e-3. dg 2.6e-2 (vector) / 1.5e-2 (scalar): dg is a reverse

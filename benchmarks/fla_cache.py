@@ -82,10 +82,15 @@ def _dump(target: str) -> None:
 
 
 def merge(out_dir: str, *dirs: str) -> None:
-    """One config dir from several (keys tuned differently in two dirs are dropped)."""
-    items = ((data["kernel_name"], h, entry) for d in dirs for f in Path(d).glob("*.json")
-             for data in [json.loads(f.read_text())] for h, entry in data["autotune_entries"].items())
-    merged = _collect(items)
+    """One config dir from several. A key that two dirs tuned differently (processes that autotuned side by side on
+    one GPU time each config with noise) keeps the first dir's choice: each dir is already free of clashes between
+    kernels of one name, so a second choice is a second measurement, not a second kernel."""
+    merged: dict[str, dict[str, dict]] = {}
+    for d in dirs:
+        for f in Path(d).glob("*.json"):
+            data = json.loads(f.read_text())
+            for h, entry in data["autotune_entries"].items():
+                merged.setdefault(data["kernel_name"], {}).setdefault(h, entry)
     _write(merged, Path(out_dir))
     print(f"merged {sum(map(len, merged.values()))} keys of {len(merged)} kernels into {out_dir}")
 

@@ -5,9 +5,10 @@ chunk start and scale folded into the intra-chunk scores A:
     o_i    = scale * (q_i * exp(G_i)) h + sum_{j<=i} A_ij v_j,   A_ij = scale * sum_c q_ic k_jc exp(G_ic - G_jc)
     h_next = exp(G_last) * h + sum_j (k_j * exp(G_last - G_j)) v_j^T
 A is built from sub-chunks of BC rows so that every exponent is <= 0: an off-diagonal block takes G at the first row
-of its query sub-chunk as reference, a diagonal block is summed pairwise. A scalar decay (one per head and step) runs
-on the delta rule's state kernels without their WY transform (`chunk_scalar_decay`). The gate gradient uses the
-identity (per sequence, with global cumulative decays):
+of its query sub-chunk as reference, a diagonal block is summed pairwise. The kernels hold G in base 2 (G log2 e),
+so each decay factor is one exp2. A scalar decay (one per head and step) runs on the delta rule's state kernels
+without their WY transform (`chunk_scalar_decay`). The gate gradient uses the identity (per sequence, with global
+cumulative decays):
     dg_t = sum_{s>=t} (q_s * dq_s - k_s * dk_s) + sum_v S_T * dS_T
 so it is one reverse cumulative sum over time of per-token terms plus the final-state term.
 
@@ -168,7 +169,8 @@ def chunk_gla_fwd_kernel_cumsum(
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """gc [B, T, H, K] fp32: the gate's cumulative sum within each chunk."""
+    """gc [B, T, H, K] fp32: the gate's cumulative sum within each chunk, in base 2 (times log2 e), so that every
+    decay factor downstream is one exp2 (tl.exp multiplies by log2 e before its exp2)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
@@ -178,7 +180,7 @@ def chunk_gla_fwd_kernel_cumsum(
     o_k = i_k * BK + tl.arange(0, BK)
     m_t = o_t < T_n
     p_g, mp_g = _bp(g + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-    b_g = tl.cumsum(tl.load(p_g, mask=mp_g, other=0).to(tl.float32), 0)
+    b_g = tl.cumsum(tl.load(p_g, mask=mp_g, other=0).to(tl.float32), 0) * 1.4426950408889634
     p_o = gc + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :]
     tl.store(p_o, b_g, mask=m_t[:, None] & (o_k[None, :] < K))
 
@@ -212,8 +214,8 @@ def chunk_gla_fwd_kernel_h(
             b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, i_t * BT, BK, BT)
             b_g = tl.load(p_g, mask=mp_g, other=0)
-            b_h *= tl.exp(b_gl)[:, None]
-            b_k = b_k * tl.exp(b_gl[:, None] - b_g)
+            b_h *= tl.exp2(b_gl)[:, None]
+            b_k = b_k * tl.exp2(b_gl[:, None] - b_g)
         # 16-bit operands for the forward's 16-bit states; the backward recomputes fp32 states with fp32 operands
         b_h += tl.dot(b_k.to(h.dtype.element_ty), b_v.to(h.dtype.element_ty), input_precision=PREC)
     if STORE_HT:
@@ -257,8 +259,8 @@ def chunk_gla_fwd_kernel_intra(
                 b_gn = tl.load(gc + ((bos + row0) * H + i_h) * K + o_k, mask=o_k < K, other=0)
                 b_g = tl.load(p_g, mask=mp_g, other=0)
                 b_gkt = tl.load(p_gkt, mask=mp_gkt, other=0)
-                b_qg = tl.where(m_r[:, None], b_q * tl.exp(b_g - b_gn[None, :]), 0).to(b_q.dtype)
-                b_kg = (b_kt * tl.exp(b_gn[:, None] - b_gkt)).to(b_kt.dtype)
+                b_qg = tl.where(m_r[:, None], b_q * tl.exp2(b_g - b_gn[None, :]), 0).to(b_q.dtype)
+                b_kg = (b_kt * tl.exp2(b_gn[:, None] - b_gkt)).to(b_kt.dtype)
                 b_A += tl.dot(b_qg, b_kg, input_precision=PREC)
             else:
                 b_A += tl.dot(b_q, b_kt, input_precision=PREC)
@@ -296,14 +298,14 @@ def chunk_gla_fwd_kernel_intra_diag(
                     m_j = o_k < tl.where(row0 + jj < T_n, K, 0)
                     b_kj = tl.load(k + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0).to(tl.float32)
                     b_gj = tl.load(gc + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0)
-                    b_a = tl.sum(b_q * b_kj[None, :] * tl.exp(b_g - b_gj[None, :]), 1)
+                    b_a = tl.sum(b_q * b_kj[None, :] * tl.exp2(b_g - b_gj[None, :]), 1)
                     b_A += tl.where((o_r[:, None] >= jj) & (o_r[None, :] == jj), b_a[:, None], 0)
             else:
                 # the same sums as one [BC, BC, BK] tensor
                 p_k, mp_k = _bp(k + (bos * H + i_h) * K, T_n, K, H * K, 1, row0, i_k * BK, BC, BK)
                 b_k = tl.load(p_k, mask=mp_k, other=0).to(tl.float32)
                 b_E = tl.where((o_r[:, None] >= o_r[None, :])[:, :, None],
-                               tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
+                               tl.exp2(b_g[:, None, :] - b_g[None, :, :]), 0)
                 b_A += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_E, 2)
     else:
         for i_k in range(tl.cdiv(K, BK)):
@@ -337,7 +339,7 @@ def chunk_gla_fwd_kernel_o(
         b_h = tl.load(p_h, mask=mp_h, other=0)
         if USE_G:
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
-            b_q = (b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))).to(b_q.dtype)
+            b_q = (b_q * tl.exp2(tl.load(p_g, mask=mp_g, other=0))).to(b_q.dtype)
         b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PREC)
     b_o *= scale
     o_r = tl.arange(0, BT)
@@ -378,8 +380,8 @@ def chunk_gla_bwd_kernel_dh(
             last = tl.minimum(i_t * BT + BT, T_n) - 1
             b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, K, T_n, 1, H * K, i_k * BK, i_t * BT, BK, BT)
-            b_q = b_q * tl.exp(tl.load(p_g, mask=mp_g, other=0))
-            b_dh *= tl.exp(b_gl)[:, None]
+            b_q = b_q * tl.exp2(tl.load(p_g, mask=mp_g, other=0))
+            b_dh *= tl.exp2(b_gl)[:, None]
         b_dh += tl.dot(b_q.to(dh.dtype.element_ty), b_do.to(dh.dtype.element_ty), input_precision=PREC) * scale
     if STORE_DH0:
         tl.store(dh0 + i_nh * K * V + o_kv, b_dh, mask=m_kv)
@@ -436,7 +438,7 @@ def chunk_gla_bwd_kernel_dv(
         if USE_G:
             p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
             b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
-            b_k = (b_k * tl.exp(b_gl[None, :] - tl.load(p_g, mask=mp_g, other=0))).to(b_k.dtype)
+            b_k = (b_k * tl.exp2(b_gl[None, :] - tl.load(p_g, mask=mp_g, other=0))).to(b_k.dtype)
         b_dv += tl.dot(b_k, tl.load(p_dh, mask=mp_dh, other=0).to(b_k.dtype), input_precision=PREC)
     p_dv, mp_dv = _bp(dv + (bos * H + i_h) * V, T_n, V, H * V, 1, i_t * BT, i_v * BV, BT, BV)
     tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=mp_dv)
@@ -472,8 +474,8 @@ def chunk_gla_bwd_kernel_inter(
         b_gl = tl.load(gc + ((bos + last) * H + i_h) * K + o_k, mask=o_k < K, other=0)
         p_g, mp_g = _bp(gc + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
         b_g = tl.load(p_g, mask=mp_g, other=0)
-        b_dq *= tl.exp(b_g)
-        b_dk *= tl.exp(b_gl[None, :] - b_g)
+        b_dq *= tl.exp2(b_g)
+        b_dk *= tl.exp2(b_gl[None, :] - b_g)
     p_dq, mp_dq = _bp(dq + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     p_dk, mp_dk = _bp(dk + (bos * H + i_h) * K, T_n, K, H * K, 1, i_t * BT, i_k * BK, BT, BK)
     tl.store(p_dq, b_dq * scale, mask=mp_dq)
@@ -524,10 +526,10 @@ def chunk_gla_bwd_kernel_intra(
         b_kj = tl.load(p_kj, mask=mp_kj, other=0)
         if USE_G:
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, col0, i_k * BK, BC, BK)
-            b_kj = b_kj * tl.exp(b_gn[None, :] - tl.load(p_gj, mask=mp_gj, other=0))
+            b_kj = b_kj * tl.exp2(b_gn[None, :] - tl.load(p_gj, mask=mp_gj, other=0))
         b_dq += tl.dot(tl.load(p_dA, mask=mp_dA, other=0), b_kj.to(tl.float32), input_precision=PREC)
     if USE_G:
-        b_dq *= tl.where(m_r[:, None], tl.exp(b_g - b_gn[None, :]), 0)
+        b_dq *= tl.where(m_r[:, None], tl.exp2(b_g - b_gn[None, :]), 0)
     if DIAG_LOOP:
         for jj in range(BC):
             m_j = o_k < tl.where(row0 + jj < T_n, K, 0)
@@ -537,7 +539,7 @@ def chunk_gla_bwd_kernel_intra(
             b_tq = b_dAc[:, None] * b_kd[None, :]
             if USE_G:
                 b_gd = tl.load(gc + ((bos + row0 + jj) * H + i_h) * K + o_k, mask=m_j, other=0)
-                b_tq *= tl.exp(b_g - b_gd[None, :])
+                b_tq *= tl.exp2(b_g - b_gd[None, :])
             b_dq += tl.where((o_r[:, None] >= jj) & m_r[:, None], b_tq, 0)
 
     last = tl.minimum(row0 + BC, T_n) - 1
@@ -552,11 +554,11 @@ def chunk_gla_bwd_kernel_intra(
         b_qj = tl.load(p_qj, mask=mp_qj, other=0)
         if USE_G:
             p_gj, mp_gj = _bp(gc + base_k, T_n, K, H * K, 1, r0, i_k * BK, BC, BK)
-            b_e = tl.exp(tl.load(p_gj, mask=mp_gj, other=0) - b_gn[None, :])
+            b_e = tl.exp2(tl.load(p_gj, mask=mp_gj, other=0) - b_gn[None, :])
             b_qj = tl.where(m_rj[:, None], b_qj * b_e, 0)
         b_dk += tl.dot(tl.load(p_dAt, mask=mp_dAt, other=0), b_qj.to(tl.float32), input_precision=PREC)
     if USE_G:
-        b_dk *= tl.exp(b_gn[None, :] - b_g)
+        b_dk *= tl.exp2(b_gn[None, :] - b_g)
     if not DIAG_LOOP:
         # both diagonal-block sums as [BC, BC, BK] tensors (cheaper under the interpreter)
         p_dAd, mp_dAd = _bp(dA + base_A, T_n, BT, H * BT, 1, row0, i_i * BC, BC, BC)
@@ -565,7 +567,7 @@ def chunk_gla_bwd_kernel_intra(
         tri = ((o_r[:, None] >= o_r[None, :]) & m_r[:, None])[:, :, None]
         b_E = tl.where(tri, b_dAd[:, :, None], 0)
         if USE_G:
-            b_E = tl.where(tri, b_E * tl.exp(b_g[:, None, :] - b_g[None, :, :]), 0)
+            b_E = tl.where(tri, b_E * tl.exp2(b_g[:, None, :] - b_g[None, :, :]), 0)
         b_dq += tl.sum(b_E * b_k.to(tl.float32)[None, :, :], 1)
         b_dk += tl.sum(b_E * b_q.to(tl.float32)[:, None, :], 0)
     else:
@@ -578,7 +580,7 @@ def chunk_gla_bwd_kernel_intra(
             b_tk = b_dAr[:, None] * b_qi[None, :]
             if USE_G:
                 b_gi = tl.load(gc + ((bos + row0 + ii) * H + i_h) * K + o_k, mask=m_i, other=0)
-                b_tk *= tl.exp(b_gi[None, :] - b_g)
+                b_tk *= tl.exp2(b_gi[None, :] - b_g)
             # a row ii past the end has gate 0, where exp(0 - G) can overflow: it contributes nothing
             b_dk += tl.where((o_r[:, None] <= ii) & (row0 + ii < T_n), b_tk, 0)
 
@@ -659,7 +661,7 @@ def _meta(q, cu_seqlens, B, T, bs):
 
 def chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, bs):
     """Forward on contiguous inputs: returns (o, final_state or None, A, gc) with A [B, T, H, BT] and the gate's
-    chunk-local cumulative sum gc [B, T, H, K] (None without a gate), both fp32, for the backward."""
+    chunk-local cumulative sum gc [B, T, H, K] in base 2 (None without a gate), both fp32, for the backward."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1

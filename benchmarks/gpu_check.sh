@@ -11,6 +11,8 @@
 # its choices: FLA_DUMP_DIR, FLA_CONFIG_DIR). TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
 # runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
+# A run past its bound gets SIGTERM, then SIGKILL 10 s later: fla's autotuning processes ran about 240 s past a plain
+# `timeout`. The GPU tests of kernels, mixers and generation take more than 215 s on one H100 with 8 workers.
 set -uo pipefail
 WHAT=${1:-all}
 shift || true
@@ -38,7 +40,7 @@ run_tests() {
   for part in "${parts[@]}"; do
     local paths=()
     for p in $part; do paths+=("$REPO/tests/$p"); done
-    (cd /tmp && PYTEST_FAILURE_LOG="$OUT/gpu_failures.log" timeout "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
+    (cd /tmp && PYTEST_FAILURE_LOG="$OUT/gpu_failures.log" timeout -k 10 "${TEST_TIMEOUT:-270}" python3 -m pytest -v -rfE --tb=short -m gpu -p no:cacheprovider \
       -n "${TEST_WORKERS:-4}" \
       --rootdir "$REPO" "${paths[@]}") >>"$OUT/gpu_tests.log" 2>&1
     rc=$?
@@ -51,7 +53,7 @@ run_benches() {
   local b limit
   for b in $BENCHES; do
     limit=TIMEOUT_$b  # e.g. TIMEOUT_bench_mom=120 overrides BENCH_TIMEOUT for one benchmark
-    [[ -f $REPO/benchmarks/$b.py ]] && (cd /tmp && OUT=$WORK timeout "${!limit:-${BENCH_TIMEOUT:-420}}" \
+    [[ -f $REPO/benchmarks/$b.py ]] && (cd /tmp && OUT=$WORK timeout -k 10 "${!limit:-${BENCH_TIMEOUT:-420}}" \
       python3 "$REPO/benchmarks/$b.py") >"$OUT/$b.log" 2>&1
   done
 }

@@ -8,7 +8,7 @@
 #          tests on GPU 1 alongside the benchmarks on GPU 0 (TEST_GPUS=0,1 with no benchmark: the tests' xdist
 #          workers spread over both)
 # A device call is limited to 10 minutes; fla's first calls autotune for minutes (fla_cache.py saves and reuses
-# its choices: FLA_DUMP_DIR, FLA_CONFIG_DIR). TEST_TIMEOUT / BENCH_TIMEOUT /
+# its choices: FLA_DUMP_DIR, packed into $OUT/fla_configs.tgz, and FLA_CONFIG_DIR). TEST_TIMEOUT / BENCH_TIMEOUT /
 # SCALE_BUDGET (seconds) bound each of the two test runs, each benchmark (TIMEOUT_<name> for one) and the training
 # runs; TEST_WORKERS pytest-xdist processes share the GPU (Triton compiles on the CPU cores). Details land in $OUT.
 # A run past its bound gets SIGTERM, then SIGKILL 10 s later: fla's autotuning processes ran about 240 s past a plain
@@ -72,6 +72,9 @@ case $WHAT in
     wait ;;
   *) echo "unknown mode '$WHAT': tests, bench, all or dual"; exit 2 ;;
 esac
+# fla's configs dumped by this call come back as one archive (a call returns a limited number of files; one file per
+# kernel did not all come back); unpack it into the FLA_CONFIG_DIR of a later call
+[[ -n ${FLA_DUMP_DIR:-} && -d $FLA_DUMP_DIR ]] && tar czf "$OUT/fla_configs.tgz" -C "$FLA_DUMP_DIR" .
 
 echo
 echo "== summary"

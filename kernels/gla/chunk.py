@@ -40,7 +40,7 @@ DIAG_LOOP: bool | None = None
 
 
 def _block_sizes(K: int, V: int) -> dict[str, int]:
-    bs = {"BK_DIAG": 256} | BLOCK_SIZES
+    bs = {"BK_DIAG": 256} | BLOCK_SIZES  # a dict patched in without BK_DIAG keeps the default
     env = os.environ.get("LINEAR_MOE_GLA_BLOCKS")
     if env:
         for item in env.split(","):
@@ -314,8 +314,6 @@ def chunk_gla_fwd_kernel_intra_diag(
             b_A += tl.dot(tl.load(p_q, mask=mp_q, other=0), tl.load(p_kt, mask=mp_kt, other=0),
                           input_precision=PREC)
         b_A = tl.where(o_r[:, None] >= o_r[None, :], b_A, 0)
-
-
     tl.store(p_A, (b_A * scale).to(A.dtype.element_ty), mask=mp_A)
 
 

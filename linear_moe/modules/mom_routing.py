@@ -2,9 +2,9 @@
 
 Every routed slot (token, memory) gets a place in one packed order sorted by (sequence, memory) and, within a group,
 by arrival. The order comes from ONE stable sort of a small integer key (in its narrowest dtype); group sizes from
-a `scatter_add_` histogram of fixed size. The number of segments is fixed (sequences x memories, the shared memory included; twice that for the
-routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a fixed shape and everything
-stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
+a `scatter_add_` histogram of fixed size. The number of segments is fixed (sequences x memories, the shared memory
+included; twice that for the routed memories when a capacity is set: kept head, dropped tail), so `cu_seqlens` has a
+fixed shape and everything stays on the device: no `.item()`, no `nonzero`, no `unique`, no data-dependent shapes.
 
 Data moves through kernels/mom_dispatch.py (hidden states projected into the packed slots) and kernels/mom_combine.py
 (slot outputs back to tokens), fused in Triton on CUDA, whose backward passes write each element once (no atomic

@@ -26,6 +26,11 @@ def use_triton(x: torch.Tensor, backend: str | None) -> bool:
     return backend == "triton"
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (launch heuristics count programs per SM); 1 elsewhere."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def stable_sort_small(key: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`torch.sort(key, stable=True)` of integer keys in [0, bound), sorted in the narrowest dtype that holds them:
     the GPU's radix sort makes one pass per key byte, so MoM's routing keys (tens of values) take one pass instead of

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 from linear_moe.kernels.common import dot_precision, use_triton
+from linear_moe.kernels.common import sm_count as _sms
 from linear_moe.kernels.delta_rule.naive import torch_chunk_delta_rule, validate_delta_rule_inputs
 from linear_moe.kernels.norms import l2norm
 
@@ -66,10 +67,6 @@ def _launch(name: str, dtype: torch.dtype) -> dict[str, int]:
     if stages is None:
         stages = 2 if dtype == torch.float32 else 3
     return {"num_warps": warps, "num_stages": stages}
-
-
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _state_launch(name: str, dtype: torch.dtype, KP: int, BV: int, V: int, rows: int, device: torch.device

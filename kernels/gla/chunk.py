@@ -25,7 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import dot_precision, use_triton
+from linear_moe.kernels.common import dot_precision, sm_count, use_triton
 from linear_moe.kernels.delta_rule.chunk import chunk_scalar_decay
 from linear_moe.kernels.gla.naive import torch_chunk_gla, validate_gla_inputs
 
@@ -39,7 +39,9 @@ POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 DIAG_LOOP: bool | None = None
 
 
-def _block_sizes(K: int, V: int) -> dict[str, int]:
+def _block_sizes(K: int, V: int, N: int, H: int, device: torch.device) -> dict[str, int]:
+    """BLOCK_SIZES (and LINEAR_MOE_GLA_BLOCKS) fitted to K and V, plus the per-sequence kernels' choices for N
+    sequences of H heads (see FEW_PROGRAMS_PER_SM): BK_DH, BK_DG and the states' stages H_STAGES."""
     bs = {"BK_DIAG": 256} | BLOCK_SIZES  # a dict patched in without BK_DIAG keeps the default
     env = os.environ.get("LINEAR_MOE_GLA_BLOCKS")
     if env:
@@ -50,7 +52,10 @@ def _block_sizes(K: int, V: int) -> dict[str, int]:
     bs["BV"] = min(bs["BV"], max(16, triton.next_power_of_2(V)))
     if bs["BT"] % bs["BC"]:
         raise ValueError(f"BT={bs['BT']} must be a multiple of BC={bs['BC']}")
-    return bs
+    BK = bs["BK"]
+    few = N * H * triton.cdiv(K, BK) * triton.cdiv(V, bs["BV"]) < FEW_PROGRAMS_PER_SM * sm_count(device)
+    return bs | {"BK_DH": max(16, BK // 2) if few else BK, "BK_DG": max(16, BK // 4) if few else BK,
+                 "H_STAGES": 3 if few or K <= 128 else LAUNCH["h"][1]}
 
 
 def _empty(*shape, dtype, device) -> torch.Tensor:
@@ -71,16 +76,27 @@ def _num_warps(default: int) -> int:
 # Launch settings per chunk kernel: (num_warps, num_stages); stages None leaves Triton's default (3). The
 # interpreter runs every kernel with one warp. From a sweep of warps {2, 4, 8} x stages {1, 2, 3, 4} (H100, Triton
 # 3.6, bf16, vector decay, B16 x T2048 at H4 x D256 and H16 x D128): two stages beat three in the loops over chunks or
-# key blocks, and the backward's intra-chunk kernel takes four warps. Kernel ms per fwd+bwd, three stages -> chosen,
-# D256 / D128: h 0.65 -> 0.62 / 0.73 -> 0.72, intra 0.60 -> 0.55 / 1.19 -> 1.10, dh 0.37 -> 0.35 / 0.39 -> 0.39,
-# dv 0.38 -> 0.36 / 0.51 -> 0.48, inter 0.60 -> 0.55 / 0.85 -> 0.73, bwd_intra 1.26 -> 1.18 / 2.48 -> 2.31.
-# The forward's diagonal sub-chunk blocks run in a launch of their own (intra_diag; four warps when the key block is
-# 256 wide): the forward's intra-chunk time 0.55 -> 0.53 ms at D256 and 1.09 -> 1.00 ms at D128 (same sweep).
+# key blocks. Kernel ms per fwd+bwd, three stages -> chosen, D256 / D128: h 0.65 -> 0.62 / 0.73 -> 0.72, intra
+# 0.60 -> 0.55 / 1.19 -> 1.10, dh 0.37 -> 0.35 / 0.39 -> 0.39, dv 0.38 -> 0.36 / 0.51 -> 0.48, inter 0.60 -> 0.55 /
+# 0.85 -> 0.73. The forward's diagonal sub-chunk blocks run in a launch of their own (intra_diag; four warps when the
+# key block is 256 wide): the forward's intra-chunk time 0.55 -> 0.53 ms at D256 and 1.09 -> 1.00 ms at D128 (same
+# sweep). The backward's intra-chunk kernel, a loop over BC-row blocks and single rows, runs in one warp (fla's
+# autotuner chose one too): 1.14 -> 1.00 ms at D256 and 2.21 -> 1.94 ms at D128 against four, B4 x T8192 and
+# B16 x T2048 alike; two warps, or one with three stages, were slower.
 LAUNCH: dict[str, tuple[int, int | None]] = {
     "cumsum": (4, None), "h": (4, 2), "intra": (2, 2), "o": (4, None), "dh": (2, 2), "dA": (4, None),
-    "dv": (4, 2), "inter": (4, 2), "bwd_intra": (4, 2), "dg": (4, None), "intra_diag": (2, 2),
+    "dv": (4, 2), "inter": (4, 2), "bwd_intra": (1, 2), "dg": (4, None), "intra_diag": (2, 2),
     "intra_diag_wide": (4, 2),
 }
+
+# The per-sequence kernels (the states h, their gradients dh, the gate's reverse scan dg) loop over one sequence's
+# chunks, one program per (key block, value block, sequence, head). Below FEW_PROGRAMS_PER_SM programs per SM (at
+# BK = BV = 64: B4 x T8192 x H4 x D256 gives 256 programs on the H100's 132 SMs) the loops' latency shows: dh then
+# takes half the key block, dg a quarter, h three stages. Kernel ms per fwd+bwd at B4 x T8192, D256 / D128 (H100,
+# bf16): dh 0.401 -> 0.347 / 0.457 -> 0.406, dg 0.249 -> 0.195 / 0.298 -> 0.256, h 0.661 -> 0.629 / 0.756 -> 0.701.
+# With 1024 programs (B16 x T2048) the same choices cost 0.01-0.05 ms each, except h's three stages at K <= 128
+# (0.723 -> 0.696 ms at D128), taken there at any count.
+FEW_PROGRAMS_PER_SM = 2
 
 
 def _launch(name: str) -> dict[str, int]:
@@ -643,7 +659,7 @@ def _states(k, v, gc, h0, want_ht, B, T, H, K, V, N, NT_total, cu_seqlens, chunk
         k, v, gc if gc is not None else k, h, h0 if h0 is not None else k, ht if ht is not None else k,
         cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=bs["BT"], BK=BK, BV=BV, USE_G=gc is not None,
         USE_H0=h0 is not None, STORE_HT=want_ht, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(k),
-        **_launch("h"),
+        **(_launch("h") | {"num_stages": bs["H_STAGES"]}),
     )
     return h, ht
 
@@ -709,9 +725,9 @@ def chunk_gla_bwd(q, k, v, g, gc, A, scale, initial_state, cu_seqlens, do, dht, 
                     dtype=torch.float32)
     dh = _empty(NT_total, H, K, V, dtype=torch.float32, device=q.device)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    chunk_gla_bwd_kernel_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+    chunk_gla_bwd_kernel_dh[(triton.cdiv(K, bs["BK_DH"]), triton.cdiv(V, BV), N * H)](
         q, do, gcp, dh, dht if dht is not None else q, dh0 if dh0 is not None else q, cu_seqlens, chunk_offsets,
-        scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, USE_G=use_g, USE_DHT=dht is not None,
+        scale, T, H=H, K=K, V=V, BT=BT, BK=bs["BK_DH"], BV=BV, USE_G=use_g, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, IS_VARLEN=varlen, PREC=dot_precision(q), **_launch("dh"),
     )
     dA = _empty(B, T, H, BT, dtype=torch.float32, device=q.device)
@@ -748,9 +764,9 @@ def gate_grad(dgt, ht, dht, g, cu_seqlens, bs=None):
     """dg from the per-token terms dgt = q * dq - k * dk [B, T, H, K] fp32: a reverse cumulative sum over each
     sequence, started at the final-state term sum_v ht * dht (ht, dht [N, H, K, V] or None). Sync-free."""
     B, T, H, K = dgt.shape
-    bs = bs or _block_sizes(K, K)
-    BT, BK = bs["BT"], bs["BK"]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    bs = bs or _block_sizes(K, K, N, H, dgt.device)
+    BT, BK = bs["BT"], bs["BK_DG"]
     chunk_offsets = None if cu_seqlens is None else prepare_varlen_chunks(cu_seqlens, T, BT)[1]
     dg_last = (ht * dht.float()).sum(-1).contiguous() if ht is not None and dht is not None else None  # [N, H, K]
     dg = _empty(B, T, H, K, dtype=torch.float32, device=dgt.device)
@@ -765,7 +781,8 @@ def gate_grad(dgt, ht, dht, g, cu_seqlens, bs=None):
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-        bs = _block_sizes(q.shape[-1], v.shape[-1])
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        bs = _block_sizes(q.shape[-1], v.shape[-1], N, q.shape[2], q.device)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = g.contiguous() if g is not None else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None

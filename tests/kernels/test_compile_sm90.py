@@ -101,7 +101,7 @@ CASES = {
                       {"h": "*fp32", "dh": "*fp32", "dq": "*fp32", "dk": "*fp32", **GLA_PTRS}),
     "gla_bwd_intra": (gla.chunk_gla_bwd_kernel_intra,
                       {"H": 4, "K": 256, "BT": 64, "BK": 64, "BC": 16, "NC": 4, "USE_G": True, "IS_VARLEN": True, "PREC": "tf32",
-                           "DIAG_LOOP": True}, 3,
+                           "DIAG_LOOP": True, "num_warps": gla.LAUNCH["bwd_intra"][0]}, gla.LAUNCH["bwd_intra"][1],
                       {"dA": "*fp32", "dq_inter": "*fp32", "dk_inter": "*fp32", "dk": "*bf16", "dgt": "*fp32",
                        **GLA_PTRS}),
     "l2norm_bwd": (norms.l2norm_bwd_kernel, {"D": 256, "BM": 8, "BD": 256}, 3, {"rstd": "*fp32"}),

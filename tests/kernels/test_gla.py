@@ -99,6 +99,17 @@ def test_long_sequence(mode):
     check(run(torch_chunk_gla, *inputs), ref, 2e-5, "torch_chunk")
 
 
+@pytest.mark.parametrize("few", [False, True], ids=["many-programs", "few-programs"])
+def test_per_sequence_kernel_blocks(few, monkeypatch):
+    """Both launch forms of the per-sequence kernels (FEW_PROGRAMS_PER_SM): with few programs per SM, dh takes half
+    the key block and the gate's reverse scan a quarter, so at K = 64 they run over two and four key blocks."""
+    monkeypatch.setattr(chunk_mod, "FEW_PROGRAMS_PER_SM", 10**6 if few else 0)
+    bs = chunk_mod._block_sizes(64, 32, 2, 2, torch.device("cpu"))
+    assert (bs["BK_DH"], bs["BK_DG"]) == ((32, 16) if few else (64, 64))
+    inputs = make_inputs("vector", 2, 130, 2, 64, 32)
+    check(run(triton_chunk, *inputs), run(naive_recurrent_gla, *inputs), 1e-5, f"chunk, few programs: {few}")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_varlen_vs_per_sequence_loop(mode, small_blocks):
     # a zero-length segment in the middle and one at the end, a segment crossing chunk borders
@@ -254,6 +265,17 @@ def test_gpu_bf16_full_shape(mode, blocks, monkeypatch):
     q, k, v, do = (x.bfloat16() for x in (q, k, v, do))
     ref = run(torch_chunk_gla, q.float(), k.float(), v.float(), g, h0, do.float(), dht)
     _check_gpu(run(chunk_gla, q, k, v, g, h0, do, dht), ref, f"chunk {mode} {blocks}")
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_many_programs_launch(monkeypatch):
+    """The per-sequence kernels' launch for many programs per SM (FEW_PROGRAMS_PER_SM): B2 x H4 x D256 at BK = BV = 64
+    gives 128 programs, below the H100's threshold, so the full-shape cases above take the few-programs launch."""
+    monkeypatch.setattr(chunk_mod, "FEW_PROGRAMS_PER_SM", 0)
+    q, k, v, g, h0, do, dht = make_inputs("vector", 2, 2048, 4, 256, 256, device="cuda")
+    q, k, v, do = (x.bfloat16() for x in (q, k, v, do))
+    ref = run(torch_chunk_gla, q.float(), k.float(), v.float(), g, h0, do.float(), dht)
+    _check_gpu(run(chunk_gla, q, k, v, g, h0, do, dht), ref, "chunk vector, many-programs launch")
 
 
 @pytest.mark.gpu

@@ -53,7 +53,7 @@ def measure(run_fwd, leaves):
 
 
 def main():
-    fla_cache.dump_on_exit()
+    fla_cache.setup()
     provenance.header(fla_cache.describe())
     try:
         import fla.ops.common.chunk_o as fla_chunk_o

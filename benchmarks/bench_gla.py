@@ -82,7 +82,7 @@ def measure(fwd, inputs):
 
 
 def main() -> None:
-    fla_cache.dump_on_exit()
+    fla_cache.setup()
     header()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU; nothing measured")

@@ -163,7 +163,7 @@ def measure(ctor, B: int, T: int) -> dict:
 
 
 def main() -> None:
-    fla_cache.dump_on_exit()
+    fla_cache.setup()
     header()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")

@@ -6,7 +6,11 @@ $FLA_CONFIG_DIR when FLA_CACHE_MODE is set ('strict': exact key only). This modu
 choices fla's own autotuner made in this process, so processes that autotune side by side (timings discarded) leave
 configs for one process that then times fla and our kernels one after the other, without autotuning.
 
-    FLA_DUMP_DIR=dir python benchmarks/bench_delta_rule.py   # the bench calls dump_on_exit() first
+fla's state kernels (`fla.ops.common.chunk_h`) autotune with plain `triton.autotune` instead, whose choices only
+Triton's on-disk autotune cache keeps (TRITON_CACHE_AUTOTUNING=1). A config dir carries those files under `triton/`,
+laid out as in the Triton cache dir (a folder per cache key); `setup()` copies them into this machine's cache.
+
+    FLA_DUMP_DIR=dir python benchmarks/bench_delta_rule.py   # the bench calls setup() first
     python benchmarks/fla_cache.py merge OUT_DIR DIR...      # one config dir from several
 """
 from __future__ import annotations
@@ -15,6 +19,7 @@ import atexit
 import gc
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -63,9 +68,31 @@ def describe() -> str:
     return f"fla configs: {os.environ.get('FLA_CONFIG_DIR', 'fla/configs')} ({mode}; keys not there autotune)"
 
 
-def dump_on_exit() -> None:
-    """With $FLA_DUMP_DIR set, write this process's autotuned fla configs there when it exits, also when a time
-    limit stops it (SIGTERM): what was tuned by then is kept."""
+def _triton_cache() -> Path:
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def _copy_autotune_results(src: Path, dst: Path) -> int:
+    """Copy src's Triton autotune results (<key>/<kernel>.autotune.json) into dst; files dst has stay. Returns the
+    number copied."""
+    n = 0
+    for f in src.glob("*/*.autotune.json"):
+        target = dst / f.parent.name / f.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
+            n += 1
+    return n
+
+
+def setup() -> None:
+    """Call first, before fla is imported: Triton's autotune cache on, the Triton autotune results of
+    $FLA_CONFIG_DIR/triton restored into it, and with $FLA_DUMP_DIR set, this process's autotuned fla configs written
+    there when it exits, also when a time limit stops it (SIGTERM): what was tuned by then is kept."""
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    config_dir = os.environ.get("FLA_CONFIG_DIR")
+    if config_dir and (Path(config_dir) / "triton").is_dir():
+        _copy_autotune_results(Path(config_dir) / "triton", _triton_cache())
     target = os.environ.get("FLA_DUMP_DIR")
     if not target:
         return
@@ -78,6 +105,7 @@ def _dump(target: str) -> None:
         return
     entries = _collect(_tuned())
     _write(entries, Path(target))
+    _copy_autotune_results(_triton_cache(), Path(target) / "triton")
     print(f"fla configs: {sum(map(len, entries.values()))} keys of {len(entries)} kernels -> {target}", flush=True)
 
 
@@ -92,6 +120,8 @@ def merge(out_dir: str, *dirs: str) -> None:
             for h, entry in data["autotune_entries"].items():
                 merged.setdefault(data["kernel_name"], {}).setdefault(h, entry)
     _write(merged, Path(out_dir))
+    for d in dirs:
+        _copy_autotune_results(Path(d) / "triton", Path(out_dir) / "triton")
     print(f"merged {sum(map(len, merged.values()))} keys of {len(merged)} kernels into {out_dir}")
 
 

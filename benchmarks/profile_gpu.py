@@ -76,8 +76,10 @@ def kernels() -> list[dict]:
     cuts = torch.randperm(98303, generator=gen)[:79].add(1).sort().values
     mom_cu = torch.cat([torch.tensor([0]), cuts, torch.tensor([98304])]).cuda()
 
-    def state(**k256):
-        return {name: {**bk, **({256: k256[name]} if name in k256 else {})} for name, bk in mod.STATE_LAUNCH.items()}
+    def state(bucket=256, **options):
+        """STATE_LAUNCH with the named kernels' options at one K bucket (128 or 256) replaced."""
+        return {name: {**bk, **({bucket: options[name]} if name in options else {})}
+                for name, bk in mod.STATE_LAUNCH.items()}
 
     # (name, LAUNCH changes, module settings, blocks)
     variants = [
@@ -97,6 +99,12 @@ def kernels() -> list[dict]:
         ("h-32x1-dh-32x1", {}, {"STATE_LAUNCH": state(h=[(32, 1)], dh=[(32, 1)])}, (64, 64, 64)),
         ("h-32x2", {}, {"STATE_LAUNCH": state(h=[(32, 2)])}, (64, 64, 64)),
         ("state-warps8", {"h": (8, None), "dh": (8, None)}, {}, (64, 64, 64)),
+        # at K = 128, a 32-wide V-block where a launch is short of programs (B4 x T8192 x H16: 128 at BV 64), as
+        # the K = 256 options have; and the per-chunk kernels in fewer warps (GLA's intra-chunk backward: one beat four)
+        ("k128-state-32x2", {}, {"STATE_LAUNCH": state(128, h=[(64, 2), (32, 2)], dh=[(64, 3), (32, 2)])},
+         (64, 64, 64)),
+        ("chunk-warps2", {k: (2, s) for k, (_, s) in mod.LAUNCH.items() if k not in ("h", "dh")}, {}, (64, 64, 64)),
+        ("chunk-warps1", {k: (1, s) for k, (_, s) in mod.LAUNCH.items() if k not in ("h", "dh")}, {}, (64, 64, 64)),
     ]
     only = os.environ.get("VARIANTS")
     variants = [v for v in variants if not only or v[0] in only.split(",")]

@@ -163,6 +163,16 @@ def _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, IS_V
 
 
 @triton.jit
+def _locate_sub_chunk(i_c, i_i, i_b, cu_seqlens, chunk_indices, T, BT: tl.constexpr, BC: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    """(chunk index in its sequence, first row of its sub-chunk i_i, flat start token, sequence length); the row is -1
+    where the sub-chunk holds no token (no chunk in this program's table slot, or past the sequence's end)."""
+    i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
+    row0 = i_t * BT + i_i * BC
+    return i_t, tl.where((i_t < 0) | (row0 >= T_n), -1, row0), bos, T_n
+
+
+@triton.jit
 def _locate_seq(i_n, cu_seqlens, chunk_offsets, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(flat start token, length, number of chunks, first global chunk) of sequence i_n."""
     if IS_VARLEN:
@@ -251,13 +261,10 @@ def chunk_gla_fwd_kernel_intra(
     i_i, i_j = i_ij // NC, i_ij % NC
     if i_i == i_j:
         return
-    i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    if i_t < 0:
+    i_t, row0, bos, T_n = _locate_sub_chunk(i_c, i_i, i_b, cu_seqlens, chunk_indices, T, BT, BC, IS_VARLEN)
+    if row0 < 0:
         return
-    row0 = i_t * BT + i_i * BC
     col0 = i_t * BT + i_j * BC
-    if row0 >= T_n:
-        return
     o_r = tl.arange(0, BC)
     m_r = row0 + o_r < T_n
     p_A, mp_A = _bp(A + (bos * H + i_h) * BT, T_n, BT, H * BT, 1, row0, i_j * BC, BC, BC)
@@ -293,11 +300,8 @@ def chunk_gla_fwd_kernel_intra_diag(
     the whole key dim (a launch of its own: these blocks take three quarters of the forward's intra-chunk time)."""
     i_c, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    if i_t < 0:
-        return
-    row0 = i_t * BT + i_i * BC
-    if row0 >= T_n:
+    _i_t, row0, bos, T_n = _locate_sub_chunk(i_c, i_i, i_b, cu_seqlens, chunk_indices, T, BT, BC, IS_VARLEN)
+    if row0 < 0:
         return
     p_A, mp_A = _bp(A + (bos * H + i_h) * BT, T_n, BT, H * BT, 1, row0, i_i * BC, BC, BC)
     o_r = tl.arange(0, BC)
@@ -511,11 +515,8 @@ def chunk_gla_bwd_kernel_intra(
     i_k, i_ci, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_c, i_i = i_ci // NC, i_ci % NC
-    i_t, bos, T_n, _i_g = _locate_chunk(i_c, i_b, cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
-    if i_t < 0:
-        return
-    row0 = i_t * BT + i_i * BC
-    if row0 >= T_n:
+    i_t, row0, bos, T_n = _locate_sub_chunk(i_c, i_i, i_b, cu_seqlens, chunk_indices, T, BT, BC, IS_VARLEN)
+    if row0 < 0:
         return
     o_r = tl.arange(0, BC)
     o_k = i_k * BK + tl.arange(0, BK)

@@ -38,6 +38,10 @@ DEBUG_POISON = os.environ.get("LINEAR_MOE_POISON", "0") == "1"
 LAUNCH: dict[str, tuple[int, int | None]] = {
     "wy": (4, None), "h": (4, None), "o": (4, None), "dh": (4, None), "dqkw": (4, None), "bwd_wy": (4, None),
 }
+# where K <= 128 takes other settings: o in two warps, 0.40 -> 0.35 ms at B4 x T8192 and B16 x T2048, H16 x D128
+# (H100, Triton 3.6; at K = 256 two warps cost 0.21 -> 0.23 ms, and one warp, or two for the other per-chunk kernels,
+# took 1.4-20x longer)
+LAUNCH_K128: dict[str, tuple[int, int | None]] = {"o": (2, None)}
 # The state kernels h and dh hold a [K, BV] fp32 state beside [BT, K] tiles and walk a sequence's chunks in order,
 # one program per (sequence, head, V-block). Per kernel and K bucket (<= 128, 256), (V-block, stages) options for
 # 16-bit inputs (fp32: one stage): a launch takes the first that gives every SM a program, else the last (the one for
@@ -62,8 +66,8 @@ STATE_LAUNCH: dict[str, dict[int, list[tuple[int, int]]]] = {
 DH_RECOMPUTE_ABOVE_K = 128
 
 
-def _launch(name: str, dtype: torch.dtype) -> dict[str, int]:
-    warps, stages = LAUNCH[name]
+def _launch(name: str, dtype: torch.dtype, K: int | None = None) -> dict[str, int]:
+    warps, stages = LAUNCH_K128[name] if K is not None and K <= 128 and name in LAUNCH_K128 else LAUNCH[name]
     if stages is None:
         stages = 2 if dtype == torch.float32 else 3
     return {"num_warps": warps, "num_stages": stages}
@@ -121,17 +125,28 @@ def _merge_level(b_T, b_A, o_i, lvl: tl.constexpr, PREC: tl.constexpr):
 def _unit_lower_inverse(b_A, BT: tl.constexpr, LOG_BT: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^-1 for strictly lower A [BT, BT] in fp32, by blocks (no row-by-row loop): the inverse of the block
     diagonal at block size 2 needs no product ([[1, 0], [a, 1]] inverts to [[1, 0], [-a, 1]]); `_merge_level`
-    doubles the block size up to BT, two products a level.
+    doubles the block size up to BT, two products a level. Up to block size 16 the merges multiply A's diagonal
+    16 x 16 blocks as one batch ([BT / 16, 16, 16] products, a 16th of the [BT, BT] ones' work at BT = 64): the
+    forward's wy kernel took 0.65 instead of 0.84 ms at B4 x T8192 x H16 x D128 and 0.29 instead of 0.33 ms at H4 x
+    D256 (H100, Triton 3.6).
 
     Powers of A would take fewer levels but lose every digit: with correlated keys (a short conv makes neighbours
     alike) their entries grow like binomial coefficients (C(15, 7) = 6435 within 16 steps, ~1e17 at BT = 64) while
     the inverse stays O(1). The merges only multiply O(1) matrices, so tf32 products are as accurate as three-pass
     ones on powers within 16-row blocks were (the scheme before 2026-11-26, 37% slower at H16 x D128 on the H100:
     fp32 reference errors equal to three digits)."""
+    NB: tl.constexpr = BT // 16
+    o_b = tl.arange(0, NB)
+    o_j = tl.arange(0, 16)
+    same_block = o_b[:, None, None, None] == o_b[None, None, :, None]
+    b_Ad = tl.sum(tl.where(same_block, tl.reshape(b_A, (NB, 16, NB, 16)), 0.0), axis=2)
+    b_T = tl.where(o_j[:, None] == o_j[None, :], 1.0, 0.0)[None, :, :] + tl.zeros([NB, 16, 16], dtype=tl.float32)
+    b_T -= tl.where(((o_j[:, None] % 2 == 1) & (o_j[None, :] == o_j[:, None] - 1))[None, :, :], b_Ad, 0.0)
+    for lvl in tl.static_range(1, 4):
+        b_T = _merge_level(b_T, b_Ad, o_j, lvl, PREC)
+    b_T = tl.reshape(tl.where(same_block, tl.broadcast_to(tl.expand_dims(b_T, 2), (NB, 16, NB, 16)), 0.0), (BT, BT))
     o_i = tl.arange(0, BT)
-    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
-    b_T -= tl.where((o_i[:, None] % 2 == 1) & (o_i[None, :] == o_i[:, None] - 1), b_A, 0.0)
-    for lvl in tl.static_range(1, LOG_BT):
+    for lvl in tl.static_range(4, LOG_BT):
         b_T = _merge_level(b_T, b_A, o_i, lvl, PREC)
     return b_T
 
@@ -805,7 +820,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, scale, initial_state, output_final_st
     A = _empty(1, d.TT, d.H, BT, dtype=dt, device=dev) if store_A else None
     chunk_delta_rule_fwd_kernel_o[(triton.cdiv(d.V, d.BV), d.NT, d.H)](
         q, k, v_new, h, G, o, A, scale, d.cu, d.info, d.N, H=d.H, K=d.K, V=d.V, BT=BT, BK=d.BK, BV=d.BV,
-        PREC=dot_precision(q), STORE_A=store_A, DELTA=beta is not None, **_launch("o", dt),
+        PREC=dot_precision(q), STORE_A=store_A, DELTA=beta is not None, **_launch("o", dt, d.K),
     )
     return Forward(o, ht, A, mid, d)
 

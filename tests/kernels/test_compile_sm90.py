@@ -58,6 +58,9 @@ CASES = {
                                         st, {})
        for bv, st in delta.STATE_LAUNCH["dh"][128]},
     "delta_fwd_o": (delta.chunk_delta_rule_fwd_kernel_o, dict(D256, PREC="tf32", STORE_A=True, DELTA=True), 3, {}),
+    "delta_fwd_o_k128": (delta.chunk_delta_rule_fwd_kernel_o,
+                         dict(D256, K=128, V=128, PREC="tf32", STORE_A=True, DELTA=True,
+                              num_warps=delta.LAUNCH_K128["o"][0]), 3, {}),
     "delta_bwd_dqkw": (delta.chunk_delta_rule_bwd_kernel_dqkw, dict(D256, HS=2, VH=2, PREC="tf32", DELTA=True), 3,
                        {}),
     "delta_bwd_wy": (delta.chunk_delta_rule_bwd_kernel_wy, dict(D256, HS=2, NK=4, PREC="tf32", DELTA=True), 3, {}),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import use_triton
+from linear_moe.kernels.common import sm_count, use_triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,8 +31,8 @@ L2NORM_EPS = 1e-6
 
 # Launch settings. tile: elements of one [BM, BD] tile (rows per tile BM = max(1, tile // BD)); warps: num_warps;
 # bwd_programs_per_sm: programs per SM in the gated backward (each loops over row tiles, so the weight-gradient
-# partial buffer stays small); sms_cpu: SM count assumed on CPU (interpreter). Tests shrink these to force loops.
-LAUNCH: dict[str, int] = {"tile": 2048, "warps": 4, "bwd_programs_per_sm": 8, "sms_cpu": 1}
+# partial buffer stays small; on CPU, `sm_count` counts one SM). Tests shrink these to force loops.
+LAUNCH: dict[str, int] = {"tile": 2048, "warps": 4, "bwd_programs_per_sm": 8}
 
 MAX_D = 1024
 """Largest last dim of the Triton path (one row lives in one tile)."""
@@ -61,12 +61,6 @@ def _as_rows(x: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
 def _bm(D: int) -> tuple[int, int]:
     BD = triton.next_power_of_2(D)
     return max(1, LAUNCH["tile"] // BD), BD
-
-
-def _sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return LAUNCH["sms_cpu"]
 
 
 def _check_float(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -227,7 +221,7 @@ def gated_rmsnorm_bwd(x, weight, gate, rstd, dy):
     """dy contiguous [M, R, D] -> dx [M, R, D] (x's dtype), dweight (weight's shape and dtype), dgate or None."""
     M, R, D = x.shape
     BM, BD = _bm(D)
-    NP = max(1, min(triton.cdiv(M, BM), triton.cdiv(LAUNCH["bwd_programs_per_sm"] * _sms(x.device), R)))
+    NP = max(1, min(triton.cdiv(M, BM), triton.cdiv(LAUNCH["bwd_programs_per_sm"] * sm_count(x.device), R)))
     dx = _empty(M, R, D, dtype=x.dtype, device=x.device)
     dg = _empty(M, R, D, dtype=gate.dtype, device=x.device) if gate is not None else None
     dw = _empty(NP, R, D, dtype=torch.float32, device=x.device)

@@ -24,8 +24,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from linear_moe.kernels.common import dot_precision, use_triton
-from linear_moe.kernels.common import sm_count as _sms
+from linear_moe.kernels.common import dot_precision, sm_count, use_triton
 from linear_moe.kernels.delta_rule.naive import torch_chunk_delta_rule, validate_delta_rule_inputs
 from linear_moe.kernels.norms import l2norm
 
@@ -78,7 +77,7 @@ def _state_launch(name: str, dtype: torch.dtype, KP: int, BV: int, V: int, rows:
     """(V-block, launch settings) of state kernel `name` ("h" or "dh") at K padded to KP, block_v BV and value dim
     V, over `rows` (sequence, head) pairs."""
     options = STATE_LAUNCH[name][128 if KP <= 128 else 256]
-    bv, stages = next(((b, st) for b, st in options if rows * triton.cdiv(V, min(BV, b)) >= _sms(device)),
+    bv, stages = next(((b, st) for b, st in options if rows * triton.cdiv(V, min(BV, b)) >= sm_count(device)),
                       options[-1])
     warps, fixed = LAUNCH[name]
     stages = fixed if fixed is not None else 1 if dtype == torch.float32 else stages
@@ -787,7 +786,7 @@ def _state_heads(d: Dims, device: torch.device, BV: int) -> int:
     STATE_GROUP_PROGRAMS_PER_SM)."""
     programs = d.S * triton.cdiv(d.V, BV)
     return next(hs for hs in range(1, d.H + 1)
-                if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * _sms(device)))
+                if d.H % hs == 0 and (hs == d.H or programs * hs >= STATE_GROUP_PROGRAMS_PER_SM * sm_count(device)))
 
 
 def _time_parts(d: Dims, dtype: torch.dtype, device: torch.device, delta: bool) -> int:

@@ -122,7 +122,7 @@ def test_state_launch_rule(monkeypatch, rows, dtype, delta, h, dh, recompute):
     """The state kernels' (V-block, stages) at K = V = 256 on a 132-SM card: the first STATE_LAUNCH option that gives
     every SM a program, else the last (dh without the delta correction: the last); dh recomputes the forward's scores
     exactly when it runs in two stages."""
-    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    monkeypatch.setattr(chunk_mod, "sm_count", lambda device: 132)
     dev = torch.device("cpu")
     got_h = chunk_mod._state_launch("h", dtype, 256, 64, 256, rows, dev)
     assert (got_h[0], got_h[1]["num_stages"]) == h
@@ -140,7 +140,7 @@ def test_state_launch_rule(monkeypatch, rows, dtype, delta, h, dh, recompute):
 def test_state_launch_rule_k128(monkeypatch, rows, delta, dh):
     """dh at K = V = 128 on a 132-SM card: three stages where that gives every SM a program (the delta rule only),
     and it never recomputes the forward's scores there."""
-    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    monkeypatch.setattr(chunk_mod, "sm_count", lambda device: 132)
     d = chunk_mod._dims(torch.zeros(1, 64, rows // 4, 128), torch.zeros(1, 64, rows // 4, 128),
                         torch.arange(5) * 16, 64, 64, 64)
     bv, launch, recomputes = chunk_mod._dh_launch(d, torch.bfloat16, torch.device("cpu"), delta)
@@ -259,7 +259,7 @@ def test_chunk_triton_time_parts(monkeypatch, parts, heads_per_group, gated):
 ])
 def test_time_parts_rule(monkeypatch, segments, heads, D, parts):
     """Time parts at 98304 bf16 slots on a 132-SM card: as few as keep a head group's h and dh within 1 GiB."""
-    monkeypatch.setattr(chunk_mod, "_sms", lambda device: 132)
+    monkeypatch.setattr(chunk_mod, "sm_count", lambda device: 132)
     TT = 98304 if segments > 4 else 32768
     k = torch.empty(1, TT, heads, D, device="meta")
     d = chunk_mod._dims(k, k, torch.linspace(0, TT, segments + 1).long(), 64, 64, 64)
